@@ -1,0 +1,389 @@
+"""Typed configuration: YAML files + dotted ``key=value`` overrides -> dataclasses.
+
+Every field carries its default and a one-line meaning (``metadata["help"]``), in the style of TRL's
+config dataclasses. The loader is strict on purpose: an unknown key or a value of the wrong type is an
+error that names the key and the file, because a typo that silently falls back to a default (say
+``orpo.bata=0.5``) wastes a whole run.
+
+Pure module: no ray, no deepspeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and where it came from."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a documented default (lists/dicts get a default_factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class TinyModelConfig:
+    """Architecture of the embedded default: a small Llama initialised from a fixed seed."""
+
+    hidden_size: int = _f(128, "Width of the residual stream.")
+    num_hidden_layers: int = _f(2, "Number of decoder layers.")
+    num_attention_heads: int = _f(4, "Attention heads (head_dim = hidden_size / heads).")
+    num_key_value_heads: Optional[int] = _f(None, "KV heads for GQA; null means = num_attention_heads.")
+    intermediate_size: int = _f(344, "MLP width.")
+    max_position_embeddings: int = _f(2048, "Longest sequence the rotary embedding is set up for.")
+    init_seed: int = _f(0, "Seed of the random initialisation (same seed, same weights).")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters via peft; ORPO needs no reference model, so the adapted model is the only one."""
+
+    enabled: bool = _f(False, "Train LoRA adapters instead of all weights.")
+    r: int = _f(8, "Adapter rank.")
+    alpha: int = _f(16, "Adapter scaling numerator (scale = alpha / r).")
+    dropout: float = _f(0.0, "Dropout on the adapter input.")
+    target_modules: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module names to adapt (Llama-style defaults: attention and MLP projections).",
+    )
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "tiny",
+        "'tiny' builds the embedded default from `tiny`; otherwise a local Hugging Face model directory "
+        "(config, tokenizer, weights). Nothing is downloaded; trust_remote_code stays off.",
+    )
+    tokenizer: Optional[str] = _f(
+        None,
+        "Tokenizer directory; null means name_or_path's, or the project's byte-level tokenizer for 'tiny'.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "float32", "Dtype the weights are stored in. Compute precision is train.precision."
+    )
+    attn_implementation: str = _f("sdpa", "transformers attention implementation ('sdpa' or 'eager').")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "Embedded default architecture."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA / PEFT adapters."})
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class SyntheticDataConfig:
+    """The project's own deterministic preference task, used when data.train_path is null."""
+
+    task: str = _f("sort", "Task name in orpo_ray.synthetic's registry.")
+    num_train: int = _f(2000, "Training pairs to generate.")
+    num_eval: int = _f(200, "Held-out pairs (prompts disjoint from training).")
+    seed: int = _f(0, "Generation seed.")
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = _f(
+        None, "JSONL / JSONL.gz / Parquet of preference pairs; null means the synthetic task below."
+    )
+    eval_path: Optional[str] = _f(None, "Held-out pairs; null with a train_path means eval_fraction of it.")
+    format: Literal["auto", "pairs", "conversational", "hh"] = _f(
+        "auto", "Row format: {prompt,chosen,rejected} strings, chat messages, or Anthropic HH transcripts."
+    )
+    max_length: int = _f(512, "Longest prompt+response sequence in tokens.")
+    max_prompt_length: int = _f(
+        256, "Prompt budget when a pair is too long: the END of the prompt is kept (must be < max_length)."
+    )
+    eval_fraction: float = _f(0.05, "Share of train_path split off for eval when eval_path is null.")
+    max_train_pairs: Optional[int] = _f(None, "Use only the first N training pairs (null: all).")
+    max_eval_pairs: Optional[int] = _f(None, "Use only the first N eval pairs (null: all).")
+    train_split: str = _f("train", "Split name for a DatasetDict directory.")
+    eval_split: str = _f("test", "Eval split name for a DatasetDict directory.")
+    drop_identical_pairs: bool = _f(False, "Drop pairs whose chosen and rejected tokenize identically.")
+    cache_dir: Optional[str] = _f(None, "Where tokenized Parquet is cached; null means output_dir/cache.")
+    synthetic: SyntheticDataConfig = field(
+        default_factory=SyntheticDataConfig, metadata={"help": "Synthetic task when train_path is null."}
+    )
+
+
+# ---------------------------------------------------------------------------------------------- orpo
+@dataclass
+class OrpoConfig:
+    beta: float = _f(0.1, "lambda: weight of the odds-ratio term (TRL's `beta`); 0 gives plain SFT.")
+    nll_on_prompt: bool = _f(
+        False, "Include prompt tokens in the NLL term (TRL's behaviour); the paper's L_SFT is response-only."
+    )
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    learning_rate: float = _f(8e-6, "Peak learning rate (the paper used 5e-6 to 8e-6 on 7B models).")
+    per_device_batch_size: int = _f(8, "Preference pairs per micro-batch per worker.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_steps: Optional[int] = _f(None, "Optimizer steps; null means run `epochs` epochs.")
+    epochs: float = _f(1.0, "Passes over the training pairs when max_steps is null.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    warmup_ratio: float = _f(0.0, "Warm-up as a share of total steps (used when warmup_steps is 0).")
+    scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warm-up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_betas: list = _f([0.9, 0.999], "AdamW betas.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    seed: int = _f(42, "Seed for data order and dropout.")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto", "'auto' uses bf16 autocast only where the CPU/GPU runs bf16 matmuls fast, else fp32."
+    )
+    log_interval: int = _f(10, "Report train metrics every N optimizer steps.")
+    eval_interval: int = _f(50, "Evaluate every N optimizer steps (0: only at the end).")
+    eval_max_batches: Optional[int] = _f(None, "Cap on eval micro-batches per evaluation (null: all).")
+    checkpoint_interval: int = _f(0, "Checkpoint every N optimizer steps (0: only the final export).")
+    progress_bar: bool = _f(True, "Show a tqdm progress bar on rank 0.")
+    fail_at_step: Optional[int] = _f(
+        None, "Fault injection for tests: worker rank 0 exits at this step on its first attempt."
+    )
+
+
+# ------------------------------------------------------------------------------------------- scaling
+@dataclass
+class ScalingSection:
+    num_workers: int = _f(1, "Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = _f(False, "One GPU per worker, NCCL backend.")
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker.")
+    address: Optional[str] = _f(None, "Ray cluster address; null starts a local Ray instance.")
+    max_failures: int = _f(1, "Worker-group restarts Ray Train may do (resuming from the last checkpoint).")
+    storage_path: Optional[str] = _f(None, "Shared storage for Ray Train checkpoints; null means output_dir/ray.")
+
+
+@dataclass
+class DeepSpeedSection:
+    enabled: bool = _f(True, "Use DeepSpeed under Ray Train (a plain torch optimizer is used when false).")
+    zero_stage: int = _f(2, "ZeRO stage 0/1/2/3.")
+    offload_optimizer: bool = _f(False, "ZeRO-Offload of optimizer state to CPU memory.")
+    offload_param: bool = _f(False, "Offload parameters to CPU (ZeRO-3 only).")
+    overlap_comm: bool = _f(False, "Overlap gradient reduction with backward (GPU only).")
+    reduce_bucket_size: int = _f(50_000_000, "Elements per gradient-reduction bucket.")
+
+
+# ------------------------------------------------------------------------------------------ tracking
+@dataclass
+class TrackingConfig:
+    enabled: bool = _f(True, "Track the run in MLflow.")
+    mlflow_uri: Optional[str] = _f(
+        None, "MLflow tracking URI; null means sqlite:///<abs output_dir>/mlflow.db (no server needed)."
+    )
+    experiment: str = _f("orpo-ray", "MLflow experiment name.")
+    run_name: Optional[str] = _f(None, "MLflow run name; null derives one from output_dir.")
+
+
+# ---------------------------------------------------------------------------------------------- tune
+@dataclass
+class TuneSection:
+    beta: list = _f([0.05, 0.1, 0.2], "lambda values to grid-search.")
+    learning_rate: list = _f([], "Learning rates to grid-search (empty: sample log-uniform, see below).")
+    learning_rate_min: float = _f(1e-4, "Lower bound of the log-uniform learning-rate range.")
+    learning_rate_max: float = _f(1e-3, "Upper bound of the log-uniform learning-rate range.")
+    num_samples: int = _f(1, "Samples per grid point (Tune's num_samples).")
+    metric: str = _f("eval_rewards/accuracies", "Metric that ranks trials.")
+    mode: Literal["max", "min"] = _f("max", "Whether the metric is maximised or minimised.")
+    max_concurrent_trials: int = _f(1, "Trials running at once.")
+    asha: bool = _f(True, "Early-stop weak trials with ASHA.")
+    asha_grace_period: int = _f(1, "Evaluations before ASHA may stop a trial.")
+
+
+@dataclass
+class ExportConfig:
+    save_model: bool = _f(True, "save_pretrained the final model and tokenizer to output_dir/model.")
+    merge_lora: bool = _f(False, "With LoRA: also export a merged full model to output_dir/merged.")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("outputs/run", "Where results.json, the model and tracking files go.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model and tokenizer."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Preference data."})
+    orpo: OrpoConfig = field(default_factory=OrpoConfig, metadata={"help": "ORPO objective."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
+    scaling: ScalingSection = field(default_factory=ScalingSection, metadata={"help": "Ray Train workers."})
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection, metadata={"help": "DeepSpeed."})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow."})
+    tune: TuneSection = field(default_factory=TuneSection, metadata={"help": "Ray Tune sweep."})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Model export."})
+
+    def validate(self, where: str = "config") -> "Config":
+        """Cross-field checks the type system cannot express."""
+        d, t = self.data, self.train
+        if not 0 < d.max_prompt_length < d.max_length:
+            raise ConfigError(
+                f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length "
+                f"({d.max_length}) so every pair keeps at least one response token"
+            )
+        for key, value in (("train.per_device_batch_size", t.per_device_batch_size),
+                           ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                           ("train.log_interval", t.log_interval), ("scaling.num_workers", self.scaling.num_workers)):
+            if value < 1:
+                raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ConfigError(f"{where}: train.max_steps must be >= 1 or null, got {t.max_steps}")
+        if self.orpo.beta < 0:
+            raise ConfigError(f"{where}: orpo.beta must be >= 0, got {self.orpo.beta}")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{where}: deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- loader
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check (and gently coerce) `value` against the annotation `tp`; raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: {key} has an invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, where, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - every annotation used above is handled
+        raise ConfigError(f"{where}: {key} has an unsupported annotation {tp!r}")
+    raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict, where: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(f"'{prefix}{k}'" for k in unknown)
+            + f" (known in this section: {', '.join(sorted(fields))})"
+        )
+    kwargs = {name: _coerce(v, hints[name], f"{prefix}{name}", where) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", YAML-parsed value), so ``1e-5``, ``true``, ``null``, ``[1,2]`` work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-5" as a string; people mean a float.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Load a YAML config, apply dotted overrides, type-check, and validate.
+
+    Raises ConfigError naming the file and key on unknown keys, wrong types or invalid combinations.
+    """
+    tree: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        try:
+            _set_dotted(tree, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    if overrides:
+        where = f"{where} (with overrides {' '.join(overrides)})"
+    return _build(Config, tree, where).validate(where)
+
+
+def config_from_dict(values: dict, where: str = "config dict") -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. inside a Ray worker)."""
+    return _build(Config, values, where).validate(where)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field: the source of `orpo-ray config --help`-style docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe(hint, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+    return rows

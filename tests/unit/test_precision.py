@@ -1,0 +1,45 @@
+"""Precision is chosen from the CPU's instruction set, never blindly bf16."""
+
+import torch
+
+from orpo_ray import precision
+
+
+def test_explicit_fp32_is_honoured():
+    assert precision.select_precision("fp32")[0] == "fp32"
+
+
+def test_auto_uses_fp32_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    chosen, reason = precision.select_precision("auto")
+    assert chosen == "fp32" and "slow" in reason
+
+
+def test_auto_uses_bf16_with_native_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert precision.select_precision("auto")[0] == "bf16"
+
+
+def test_explicit_bf16_on_slow_cpu_warns_in_reason(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    chosen, reason = precision.select_precision("bf16")
+    assert chosen == "bf16" and "slow" in reason
+
+
+def test_fast_bf16_needs_native_flag(monkeypatch):
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert precision.cpu_has_fast_bf16() is False
+
+
+def test_autocast_context_only_casts_for_bf16():
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with precision.autocast_context("bf16"):
+        assert lin(x).dtype == torch.bfloat16
+    with precision.autocast_context("fp32"):
+        assert lin(x).dtype == torch.float32
+
+
+def test_hardware_summary_names_the_cpu():
+    summary = precision.hardware_summary()
+    assert summary["cpu"] and summary["cpu_capability"]
