@@ -1,0 +1,120 @@
+"""Metric names, micro-batch averaging (all-reducible across ranks), ``eval_`` prefix and results.json.
+
+Pure module: torch + stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+# What ``loss.orpo_loss`` returns, under TRL's ORPOTrainer names (plus ``loss``), in TRL's logging order.
+TRAIN_METRIC_NAMES: tuple[str, ...] = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/rejected",
+    "logps/chosen",
+    "logits/rejected",
+    "logits/chosen",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+    "loss",
+)
+
+
+def with_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Same values, keys prefixed (``with_prefix(m, "eval_")`` gives TRL's eval names)."""
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+class MetricAverager:
+    """Unweighted mean of each metric over the ``add`` calls that reported it (one call per micro-batch).
+
+    Values may be floats or 0-d tensors; tensors are accumulated as detached tensors, so ``add`` never forces
+    a device sync — only ``compute`` / ``as_tensor`` do.
+
+    Across ranks: ``t = avg.as_tensor(names)``; ``all_reduce(t, SUM)``; ``MetricAverager.from_tensor(t, names)
+    .compute()``. Every rank must pass the same ``names`` (e.g. ``TRAIN_METRIC_NAMES``).
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor | float] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, Tensor | float]) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, Tensor):
+                value = value.detach().to(torch.float64).reshape(())
+            self._sums[name] = self._sums.get(name, 0.0) + value
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def compute(self) -> dict[str, float]:
+        """Means as python floats, for the metrics seen at least once."""
+        return {k: float(self._sums[k]) / self._counts[k] for k in self._sums}
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._counts.clear()
+
+    def as_tensor(self, names: Sequence[str] | None = None, device: torch.device | str | None = None) -> Tensor:
+        """fp64 [2 * len(names)] = sums then counts, in ``names`` order (default: sorted seen names).
+
+        Unseen names contribute sum 0 and count 0, so ranks that skipped a metric still reduce correctly.
+        """
+        names = sorted(self._sums) if names is None else list(names)
+        sums = [torch.as_tensor(self._sums.get(k, 0.0), dtype=torch.float64, device=device) for k in names]
+        counts = torch.tensor([self._counts.get(k, 0) for k in names], dtype=torch.float64, device=device)
+        return torch.cat([torch.stack(sums) if sums else counts.new_zeros(0), counts])
+
+    @classmethod
+    def from_tensor(cls, packed: Tensor, names: Sequence[str]) -> "MetricAverager":
+        """Inverse of ``as_tensor`` (typically after a SUM all-reduce)."""
+        names = list(names)
+        if packed.numel() != 2 * len(names):
+            raise ValueError(f"packed tensor has {packed.numel()} entries, expected {2 * len(names)}")
+        values = packed.detach().to("cpu", torch.float64).tolist()
+        avg = cls()
+        for i, name in enumerate(names):
+            count = int(round(values[len(names) + i]))
+            if count > 0:  # a metric no rank reported stays absent rather than becoming 0/0
+                avg._sums[name], avg._counts[name] = values[i], count
+        return avg
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
+    """Write ``results`` as JSON with sorted keys, atomically: a reader sees the old file or the new, never half.
+
+    The temporary file lives in the target directory so ``os.replace`` is a same-filesystem rename.
+    0-d tensors become numbers.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, sort_keys=True, indent=2, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be readable like any output
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,71 @@
+"""Metric names, averaging across micro-batches and ranks, results.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orpo_ray.logprobs import PolicyOutputs
+from orpo_ray.loss import orpo_loss
+from orpo_ray.metrics import TRAIN_METRIC_NAMES, MetricAverager, with_prefix, write_results
+
+
+def test_names_match_what_the_loss_returns():
+    scalar = torch.tensor
+    out = PolicyOutputs(scalar([-1.0]), scalar([-2.0]), scalar(1.0), scalar(0.0), scalar(0.0))
+    _, metrics = orpo_loss(out, beta=0.1)
+    assert sorted(metrics) == sorted(TRAIN_METRIC_NAMES)
+    assert len(set(TRAIN_METRIC_NAMES)) == len(TRAIN_METRIC_NAMES)
+
+
+def test_with_prefix():
+    assert with_prefix({"loss": 1.0, "rewards/chosen": 2.0}, "eval_") == {"eval_loss": 1.0, "eval_rewards/chosen": 2.0}
+
+
+def test_averager_means_tensors_and_floats():
+    avg = MetricAverager()
+    avg.add({"loss": torch.tensor(1.0), "nll_loss": 4.0})
+    avg.add({"loss": torch.tensor(2.0, requires_grad=True) * 1, "nll_loss": 6.0})
+    avg.add({"loss": 6.0})  # nll_loss missing from this micro-batch: averaged over the two that had it
+    result = avg.compute()
+    assert result == {"loss": pytest.approx(3.0), "nll_loss": pytest.approx(5.0)}
+    assert all(type(v) is float for v in result.values())
+    avg.reset()
+    assert avg.compute() == {}
+
+
+def test_averager_all_reduce_round_trip():
+    # Two "ranks" with different numbers of micro-batches; summing the packed tensors (what all_reduce(SUM)
+    # does) must give the mean over all micro-batches of all ranks.
+    rank0, rank1 = MetricAverager(), MetricAverager()
+    for v in (1.0, 2.0, 3.0):
+        rank0.add({"loss": torch.tensor(v), "only_rank0": v})
+    rank1.add({"loss": torch.tensor(10.0)})
+    names = ["loss", "only_rank0", "never_seen"]
+    packed = rank0.as_tensor(names) + rank1.as_tensor(names)
+    assert packed.dtype == torch.float64 and packed.shape == (6,)
+    merged = MetricAverager.from_tensor(packed, names).compute()
+    assert merged == {"loss": pytest.approx(16.0 / 4), "only_rank0": pytest.approx(2.0)}
+    with pytest.raises(ValueError):
+        MetricAverager.from_tensor(packed, names[:2])
+
+
+def test_write_results_atomic_sorted(tmp_path):
+    path = tmp_path / "run" / "results.json"
+    write_results(path, {"old": 1})
+    write_results(path, {"eval_loss": torch.tensor(0.25), "b": 2, "a": [1, 2]})
+    text = path.read_text()
+    assert json.loads(text) == {"a": [1, 2], "b": 2, "eval_loss": 0.25}
+    assert text.index('"a"') < text.index('"b"') < text.index('"eval_loss"')
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary left behind
+
+
+def test_write_results_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "results.json"
+    write_results(path, {"loss": 1.0})
+    with pytest.raises(TypeError):
+        write_results(path, {"loss": object()})
+    assert json.loads(path.read_text()) == {"loss": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
