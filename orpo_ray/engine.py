@@ -1,0 +1,501 @@
+"""Optimisation engine: the ONLY DeepSpeed-aware module of orpo-ray.
+
+Two implementations behind one small interface (:class:`Engine`):
+
+* :class:`TorchEngine` -- plain PyTorch, single process, no process group needed:
+  AdamW (decay / no-decay param groups) + linear warmup then cosine or linear decay,
+  global-norm gradient clipping, gradient accumulation.
+* :class:`DeepSpeedEngine` -- wraps ``deepspeed.initialize`` (ZeRO stage from the
+  config, CPU via ``DS_ACCELERATOR=cpu`` + gloo).  It reuses the torch.distributed
+  process group that Ray Train (``TorchTrainer``) has already created; it never
+  touches MASTER_ADDR/MASTER_PORT.  DeepSpeed is imported lazily.
+
+Both share the exact same optimizer class (``torch.optim.AdamW``, DeepSpeed's
+``torch_adam: true``), the same param groups and the same LR schedule (passed to
+DeepSpeed as a client scheduler callable), so with world size 1 they follow the
+same loss trajectory for the same seed (see tests/integration/test_engine_ray.py).
+
+Usage (inside a Ray Train worker or a single process)::
+
+    engine = create_engine(model, use_deepspeed=cfg.deepspeed.enabled, lr=..., total_steps=...,
+                           grad_accum=..., micro_batch_size=..., ds_section=cfg.deepspeed.config)
+    engine.load(ckpt_dir)                      # -> False when there is nothing to resume
+    for batch in batches:
+        loss = engine.model(**batch).loss
+        engine.backward(loss)
+        engine.step()                          # optimizer step only at accumulation boundaries
+    engine.save(local_dir)                     # DeepSpeed: call on EVERY rank (collective)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import tempfile
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+
+__all__ = [
+    "Engine",
+    "TorchEngine",
+    "DeepSpeedEngine",
+    "build_deepspeed_config",
+    "create_engine",
+    "make_param_groups",
+    "lr_lambda_factory",
+]
+
+_TORCH_STATE_FILE = "engine_state.pt"
+_RNG_FILE_FMT = "rng_state_rank{rank}.pt"
+_DS_TAG_FMT = "global_step{step}"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: no weight decay for biases and norm weights (all params with ndim < 2)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_lambda_factory(
+    warmup_steps: int, total_steps: int, schedule: str = "cosine", min_lr_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """Multiplier of the peak LR after ``step`` optimizer steps (``LambdaLR`` convention).
+
+    Linear warmup from 0 over ``warmup_steps`` then ``cosine`` or ``linear`` decay to
+    ``min_lr_ratio`` at ``total_steps``; ``constant`` keeps the peak after warmup.
+    """
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown schedule {schedule!r}")
+    if total_steps <= 0 or warmup_steps < 0 or warmup_steps > total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), total_steps > 0")
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+    return fn
+
+
+def _rng_state() -> Dict[str, Any]:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        st["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "numpy" in st:
+        import numpy as np
+
+        np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():  # pragma: no cover
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _world_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# --------------------------------------------------------------------------- config
+
+
+def build_deepspeed_config(
+    ds_section: Optional[dict],
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    lr: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    warmup_steps: int,
+    total_steps: int,
+    bf16: bool,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+) -> dict:
+    """Complete DeepSpeed config from the user's ``deepspeed`` section + trainer hyper-params.
+
+    * ``ds_section`` keys win over the defaults (deep-merged), except the batch / optimizer /
+      precision keys owned by the trainer, which are always set from the arguments.
+    * ``train_batch_size`` is NOT set: DeepSpeed derives it as micro * accum * world_size,
+      so the same config works for any number of Ray workers.
+    * No ``scheduler`` section: the LR schedule (``warmup_steps``/``total_steps``) is passed to
+      ``deepspeed.initialize`` as a client callable by :func:`create_engine` so both engines
+      share it exactly.  The two arguments are validated here.
+    * The optimizer is ``torch.optim.AdamW`` (``torch_adam: true``): no C++ op build on CPU.
+    """
+    lr_lambda_factory(warmup_steps, total_steps)  # validation only
+    if micro_batch_size < 1 or grad_accum < 1:
+        raise ValueError("micro_batch_size and grad_accum must be >= 1")
+    section = copy.deepcopy(dict(ds_section or {}))
+    section.pop("enabled", None)  # our own on/off switch, not a DeepSpeed key
+    cfg: Dict[str, Any] = {
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for k, v in section.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    cfg.pop("train_batch_size", None)
+    cfg.pop("scheduler", None)
+    cfg["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+    cfg["gradient_accumulation_steps"] = int(grad_accum)
+    cfg["gradient_clipping"] = float(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else 0.0
+    cfg["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": float(lr),
+            "betas": list(betas),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+            "torch_adam": True,
+        },
+    }
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    cfg["fp16"] = {"enabled": False}
+    return cfg
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class Engine:
+    """Common interface.  ``model`` is what you call for the forward pass; ``module`` the raw
+    ``nn.Module`` (e.g. for ``save_pretrained``).  ``global_step`` counts optimizer steps."""
+
+    model: Any
+    module: torch.nn.Module
+    grad_accum: int
+    client_state: Dict[str, Any]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def global_step(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        """Global grad norm (before clipping) of the last optimizer step, if known."""
+        raise NotImplementedError
+
+    def is_accumulation_boundary(self) -> bool:
+        """True if the NEXT ``step()`` call performs an optimizer step."""
+        raise NotImplementedError
+
+    def save(self, directory: str, client_state: Optional[Dict[str, Any]] = None) -> None:
+        raise NotImplementedError
+
+    def load(self, directory: Optional[str]) -> bool:
+        raise NotImplementedError
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def close(self) -> None:
+        pass
+
+
+class TorchEngine(Engine):
+    """Plain single-process PyTorch implementation (no process group)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        lr: float,
+        weight_decay: float,
+        max_grad_norm: float,
+        lr_lambda: Callable[[int], float],
+        grad_accum: int = 1,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        self.module = model
+        self.model = model
+        self.grad_accum = int(grad_accum)
+        self.max_grad_norm = max_grad_norm
+        self.optimizer = torch.optim.AdamW(make_param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self._micro = 0
+        self._global_step = 0
+        self._grad_norm: Optional[float] = None
+        self.client_state = {}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def is_accumulation_boundary(self) -> bool:
+        return (self._micro + 1) % self.grad_accum == 0
+
+    def step(self) -> None:
+        boundary = self.is_accumulation_boundary()
+        self._micro += 1
+        if not boundary:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        else:
+            self._grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._global_step += 1
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    @property
+    def global_step(self) -> int:
+        return self._global_step
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        return self._grad_norm
+
+    def save(self, directory: str, client_state: Optional[Dict[str, Any]] = None) -> None:
+        os.makedirs(directory, exist_ok=True)
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "global_step": self._global_step,
+            "micro_step": self._micro,
+            "client_state": dict(client_state or {}),
+        }
+        tmp = os.path.join(directory, _TORCH_STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(directory, _TORCH_STATE_FILE))
+        torch.save(_rng_state(), os.path.join(directory, _RNG_FILE_FMT.format(rank=0)))
+
+    def load(self, directory: Optional[str]) -> bool:
+        if not directory or not os.path.isfile(os.path.join(directory, _TORCH_STATE_FILE)):
+            return False
+        state = torch.load(os.path.join(directory, _TORCH_STATE_FILE), map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._global_step = int(state["global_step"])
+        self._micro = int(state["micro_step"])
+        self.client_state = state.get("client_state", {})
+        rng = os.path.join(directory, _RNG_FILE_FMT.format(rank=0))
+        if os.path.isfile(rng):
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return True
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed implementation.  Uses the existing torch.distributed process group (Ray Train
+    creates a gloo group before the train function runs); if there is none, a private
+    world-size-1 gloo group backed by a FileStore is created (no MASTER_ADDR needed)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        ds_config: dict,
+        lr_lambda: Callable[[int], float],
+        weight_decay: float,
+    ):
+        if not torch.cuda.is_available():
+            # Must happen before the first `import deepspeed` (accelerator is chosen on import/first use).
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import torch.distributed as dist
+
+        self._owned_pg = False
+        self._store_dir = None
+        if not dist.is_initialized():
+            self._store_dir = tempfile.mkdtemp(prefix="orpo_ds_pg_")
+            store = dist.FileStore(os.path.join(self._store_dir, "store"), 1)
+            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+            self._owned_pg = True
+            # deepspeed.initialize asserts LOCAL_RANK is set (Ray Train sets it on its workers).
+            for k, v in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(k, v)
+
+        import deepspeed
+
+        # Wraps the already-initialised torch.distributed group (deepspeed.comm.init_distributed
+        # sees torch.distributed.is_initialized() and builds a TorchBackend around it).
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        self._ds_config = copy.deepcopy(ds_config)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=make_param_groups(model, weight_decay),
+            config=self._ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+        )
+        self.model = self.engine
+        self.module = self.engine.module
+        self.grad_accum = int(self.engine.gradient_accumulation_steps())
+        self.client_state = {}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/grad_accum itself
+
+    def is_accumulation_boundary(self) -> bool:
+        return (self.engine.micro_steps + 1) % self.grad_accum == 0
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    @property
+    def global_step(self) -> int:
+        return int(self.engine.global_steps)
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        n = self.engine.get_global_grad_norm()
+        return None if n is None else float(n)
+
+    def save(self, directory: str, client_state: Optional[Dict[str, Any]] = None) -> None:
+        """Collective: every rank must call it.  Rank 0 writes the model states + ``latest``;
+        every rank writes its ZeRO optimizer shard and its RNG state, so each rank's directory
+        holds a different subset of files (Ray Train merges them when every rank reports)."""
+        os.makedirs(directory, exist_ok=True)
+        self.engine.save_checkpoint(
+            directory,
+            tag=_DS_TAG_FMT.format(step=self.global_step),
+            client_state={"client_state": dict(client_state or {}), "micro_step": int(self.engine.micro_steps)},
+        )
+        torch.save(_rng_state(), os.path.join(directory, _RNG_FILE_FMT.format(rank=_world_rank())))
+
+    def load(self, directory: Optional[str]) -> bool:
+        if not directory or not os.path.isfile(os.path.join(directory, "latest")):
+            return False
+        path, client = self.engine.load_checkpoint(directory)
+        if path is None:
+            return False
+        client = client or {}
+        self.client_state = client.get("client_state", {})
+        if "micro_step" in client:
+            self.engine.micro_steps = int(client["micro_step"])
+        rng = os.path.join(directory, _RNG_FILE_FMT.format(rank=_world_rank()))
+        if os.path.isfile(rng):
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return True
+
+    def close(self) -> None:
+        if self._owned_pg:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._owned_pg = False
+            try:
+                import deepspeed.comm as dscomm
+
+                dscomm.cdb = None  # let a later engine wrap a new group
+            except Exception:  # pragma: no cover
+                pass
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def create_engine(
+    model: torch.nn.Module,
+    *,
+    use_deepspeed: bool,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    grad_accum: int = 1,
+    micro_batch_size: int = 1,
+    bf16: bool = False,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.0,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    ds_section: Optional[dict] = None,
+    ds_config: Optional[dict] = None,
+) -> Engine:
+    """Build the engine selected by ``deepspeed.enabled`` (``use_deepspeed``).
+
+    For DeepSpeed, ``ds_config`` (e.g. from :func:`build_deepspeed_config`) is used as is if
+    given, else it is built from ``ds_section`` and the arguments.  A given ``ds_config`` must
+    agree with ``grad_accum`` / ``max_grad_norm`` (checked) so both engines behave the same.
+    ``bf16`` for the plain engine is not handled here: cast/autocast the model yourself.
+    """
+    lr_lambda = lr_lambda_factory(warmup_steps, total_steps, schedule, min_lr_ratio)
+    if not use_deepspeed:
+        return TorchEngine(
+            model,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            lr_lambda=lr_lambda,
+            grad_accum=grad_accum,
+            betas=betas,
+            eps=eps,
+        )
+    if ds_config is None:
+        ds_config = build_deepspeed_config(
+            ds_section,
+            micro_batch_size=micro_batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            bf16=bf16,
+            betas=betas,
+            eps=eps,
+        )
+    else:
+        if int(ds_config.get("gradient_accumulation_steps", 1)) != int(grad_accum):
+            raise ValueError("ds_config['gradient_accumulation_steps'] != grad_accum")
+        if float(ds_config.get("gradient_clipping", 0.0)) != float(max_grad_norm or 0.0):
+            raise ValueError("ds_config['gradient_clipping'] != max_grad_norm")
+    return DeepSpeedEngine(model, ds_config=ds_config, lr_lambda=lr_lambda, weight_decay=weight_decay)

@@ -1,0 +1,196 @@
+"""Fixtures for integration tests that start their OWN Ray clusters.
+
+* Every cluster gets a temporary ``HOME`` and an explicit token file (``RAY_AUTH_TOKEN_PATH``),
+  never the user's ``~/.ray``, and its own short ``--temp-dir`` under /tmp.
+* ``ray stop`` is never used: it kills every Ray process of the user (it matches process
+  names, not temp dirs).  ``ray_cluster`` stops exactly the cluster it started, by signalling
+  the process group of its ``ray start --head --block`` process (own session).
+* ``TORCH_EXTENSIONS_DIR`` is pinned to a persistent cache so DeepSpeed's CPU shared-memory
+  comm op (JIT-built on first use, ~35 s) is built once, not once per temporary HOME.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REAL_HOME = os.path.expanduser("~")
+TORCH_EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(REAL_HOME, ".cache", "orpo_ray_torch_extensions")
+# `ray job submit` needs the dashboard (ray[default] deps), absent from this venv.
+HAVE_DASHBOARD = all(importlib.util.find_spec(m) for m in ("aiohttp", "aiohttp_cors", "opencensus"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: needs a real (local) Ray cluster / DeepSpeed; slow")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_env(home: str) -> dict:
+    """Env for a cluster of ours: temp HOME, explicit token file (RAY_AUTH_TOKEN_PATH).
+
+    Relying on ray.init() to generate ~/.ray/auth_token was flaky: the gcs_server aborted with
+    "Token authentication is enabled but Ray couldn't find an authentication token" when HOME
+    changed inside one process.  An explicit token file avoids any HOME lookup."""
+    tok = os.path.join(home, ".ray", "auth_token")
+    if not os.path.exists(tok):
+        os.makedirs(os.path.dirname(tok), exist_ok=True)
+        with open(tok, "w") as f:
+            f.write(uuid.uuid4().hex)
+        os.chmod(tok, 0o600)
+    env = dict(os.environ)
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update(
+        HOME=home,
+        RAY_AUTH_TOKEN_PATH=tok,
+        RAY_AUTH_MODE="token",
+        TORCH_EXTENSIONS_DIR=TORCH_EXT_DIR,
+        DS_ACCELERATOR="cpu",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def _ray_local_session(tmp_path_factory):
+    """ONE local Ray per pytest session (ray.init -> shutdown -> ray.init in one process with a
+    different HOME crashed the new GCS), with a temp HOME / temp dir."""
+    import ray
+
+    base = tmp_path_factory.mktemp("ray_local")
+    home = base / "home"
+    home.mkdir()
+    saved = dict(os.environ)
+    env = _base_env(str(home))
+    # Leave RAY_AUTH_MODE unset in THIS process: ray.init() then enables token auth itself and
+    # refreshes its cached C++ config.  Setting RAY_AUTH_MODE=token here after ray._raylet was
+    # loaded left the driver in 'disabled' mode -> "Failed to start GCS ... InvalidAuthToken".
+    env.pop("RAY_AUTH_MODE", None)
+    os.environ.clear()
+    os.environ.update(env)
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths are limited
+    ray.init(num_cpus=2, _temp_dir=temp_dir, include_dashboard=False)
+    try:
+        yield base
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def ray_local(_ray_local_session, tmp_path):
+    """Local Ray (2 CPUs) started by ray.init in this process; token auth on.
+    Returns a fresh storage dir for RunConfig(storage_path=...)."""
+    return str(tmp_path / "storage")
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """`ray start --head --block` on 127.0.0.1 with free ports, temp dir and temp HOME, in its
+    own session/process group.  Yields dict(address, dashboard, env, storage, dashboard_ok).
+    Stopped by SIGTERM then SIGKILL to that process group only; then asserts that no process
+    mentioning our unique temp dir survives."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _base_env(str(home))  # RAY_AUTH_MODE=token + token file -> `ray start` enables auth
+    port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    log_path = tmp_path / "ray_head.log"
+    log = open(log_path, "w")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dash), "--temp-dir", temp_dir, "--num-cpus", "2",
+           "--include-dashboard", "true" if HAVE_DASHBOARD else "false", "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {proc.returncode}: {log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", dash if HAVE_DASHBOARD else port), timeout=1):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError("head did not come up")
+                time.sleep(1)
+        time.sleep(2)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
+               "storage": str(tmp_path / "storage"), "dashboard_ok": HAVE_DASHBOARD}
+    finally:
+        _stop_group(proc)
+        log.close()
+        leftovers = [p for p in _procs_mentioning(temp_dir) if not _is_zombie(p)]
+        for pid in leftovers:  # unique temp dir in their cmdline -> certainly ours
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert not leftovers, f"processes of our cluster outside its process group: {leftovers}"
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop only the processes of our own `ray start` session/process group."""
+    pgid = proc.pid  # start_new_session=True -> pgid == pid
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            proc.poll()  # reap our direct child
+            if not [p for p in _pgid_members(pgid) if not _is_zombie(p)]:
+                return
+            time.sleep(0.5)
+
+
+def _pgid_members(pgid: int) -> list:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getpgid(int(d)) == pgid:
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _procs_mentioning(needle: str) -> list:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if needle.encode() in f.read():
+                    out.append(int(d))
+        except OSError:
+            pass
+    return out
