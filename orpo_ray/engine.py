@@ -430,6 +430,10 @@ class DeepSpeedEngine(Engine):
             if dist.is_initialized():
                 dist.destroy_process_group()
             self._owned_pg = False
+            if self._store_dir:
+                import shutil
+
+                shutil.rmtree(self._store_dir, ignore_errors=True)
             try:
                 import deepspeed.comm as dscomm
 
