@@ -32,10 +32,14 @@ integration: setup
 
 MLFLOW_DIR  ?= $(CURDIR)/outputs/mlflow
 MLFLOW_PORT ?= 5000
+# A real MLflow server on 127.0.0.1 (SQLite backend, artifacts served through the server). Job execution is
+# off: it would start 7 background workers, too many for a 2-core box and not needed for tracking.
 mlflow: setup
 	mkdir -p $(MLFLOW_DIR)
-	$(BIN)/mlflow server --backend-store-uri sqlite:///$(MLFLOW_DIR)/mlflow.db \
-		--default-artifact-root $(MLFLOW_DIR)/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
+		--backend-store-uri sqlite:///$(MLFLOW_DIR)/mlflow.db \
+		--artifacts-destination $(MLFLOW_DIR)/mlartifacts --serve-artifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 clean:
 	rm -rf outputs .pytest_cache

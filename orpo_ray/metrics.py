@@ -37,7 +37,7 @@ def with_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 
 class MetricAverager:
-    """Unweighted mean of each metric over the ``add`` calls that reported it (one call per micro-batch).
+    """Mean of each metric over the ``add`` calls that reported it (one call per micro-batch), weighted by ``weight``.
 
     Values may be floats or 0-d tensors; tensors are accumulated as detached tensors, so ``add`` never forces
     a device sync — only ``compute`` / ``as_tensor`` do.
@@ -48,14 +48,15 @@ class MetricAverager:
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor | float] = {}
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, float] = {}
 
-    def add(self, metrics: Mapping[str, Tensor | float]) -> None:
+    def add(self, metrics: Mapping[str, Tensor | float], weight: float = 1.0) -> None:
+        """Accumulate one micro-batch; `weight` (e.g. its number of pairs) makes a short last batch count less."""
         for name, value in metrics.items():
             if isinstance(value, Tensor):
                 value = value.detach().to(torch.float64).reshape(())
-            self._sums[name] = self._sums.get(name, 0.0) + value
-            self._counts[name] = self._counts.get(name, 0) + 1
+            self._sums[name] = self._sums.get(name, 0.0) + value * weight
+            self._counts[name] = self._counts.get(name, 0) + weight
 
     def compute(self) -> dict[str, float]:
         """Means as python floats, for the metrics seen at least once."""
@@ -84,7 +85,7 @@ class MetricAverager:
         values = packed.detach().to("cpu", torch.float64).tolist()
         avg = cls()
         for i, name in enumerate(names):
-            count = int(round(values[len(names) + i]))
+            count = values[len(names) + i]
             if count > 0:  # a metric no rank reported stays absent rather than becoming 0/0
                 avg._sums[name], avg._counts[name] = values[i], count
         return avg

@@ -69,3 +69,13 @@ def test_write_results_failure_keeps_old_file(tmp_path):
         write_results(path, {"loss": object()})
     assert json.loads(path.read_text()) == {"loss": 1.0}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_weighted_add_counts_a_short_batch_less():
+    # 8 pairs with accuracy 1.0 and a short last batch of 2 pairs with accuracy 0.0: (8*1 + 2*0) / 10 = 0.8
+    avg = MetricAverager()
+    avg.add({"rewards/accuracies": 1.0}, weight=8)
+    avg.add({"rewards/accuracies": torch.tensor(0.0)}, weight=2)
+    assert avg.compute()["rewards/accuracies"] == pytest.approx(0.8)
+    packed = avg.as_tensor(["rewards/accuracies"])
+    assert MetricAverager.from_tensor(packed * 2, ["rewards/accuracies"]).compute()["rewards/accuracies"] == pytest.approx(0.8)

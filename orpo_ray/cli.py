@@ -1,0 +1,102 @@
+"""`orpo-ray COMMAND CONFIG [key=value ...]` - the command-line entry point.
+
+Commands:
+  train        train with ORPO (through Ray Train; `--local` runs the same loop in this process)
+  tune         Ray Tune sweep of orpo.beta x train.learning_rate
+  eval         evaluate a trained model on held-out pairs
+  bench        benchmark against TRL's ORPOTrainer
+  data-report  what is in the data before you train on it
+  config       print every config key with its default and meaning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from orpo_ray.config import ConfigError, describe, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. orpo.beta=0.2 train.max_steps=50")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags may come before or after the key=value overrides (`train CONFIG a=1 --local b=2`)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = list(getattr(args, "overrides", []) or []) + rest
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orpo-ray", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train with ORPO")
+    _add_config_args(train)
+    train.add_argument("--local", action="store_true", help="run the loop in this process (1 worker, no Ray)")
+    for name, help_text in (("tune", "Ray Tune sweep"), ("eval", "evaluate a model"),
+                            ("bench", "benchmark against TRL"), ("data-report", "report on the data")):
+        _add_config_args(sub.add_parser(name, help=help_text))
+    sub.add_parser("config", help="list every config key, its default and meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "config":
+        for key, default, help_text in describe():
+            print(f"{key:42s} {default:24s} {help_text}")
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"orpo-ray: config error: {e}", file=sys.stderr)
+        return 2
+
+    if args.command == "train":
+        if args.local:
+            from orpo_ray.train_loop import train_loop_per_worker
+
+            results = train_loop_per_worker(cfg.to_dict())
+        else:
+            from orpo_ray.launch import run_training
+
+            results = run_training(cfg)
+        _print_summary(results)
+    elif args.command == "tune":
+        from orpo_ray.tune import run_sweep
+
+        run_sweep(cfg)
+    elif args.command == "eval":
+        from orpo_ray.evaluate import run_eval
+
+        _print_summary(run_eval(cfg))
+    elif args.command == "bench":
+        from orpo_ray.bench import run_bench
+
+        run_bench(cfg)
+    elif args.command == "data-report":
+        from orpo_ray.data_report import run_data_report
+
+        run_data_report(cfg)
+    return 0
+
+
+def _print_summary(results: dict) -> None:
+    keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected")
+    summary = {k: results.get("eval", {}).get(k) for k in keys}
+    summary.update({k: results.get(k) for k in ("num_steps", "pairs_per_second", "wall_seconds", "peak_rss_mb",
+                                                  "quarantined", "model_dir")})
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

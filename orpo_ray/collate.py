@@ -1,0 +1,46 @@
+"""Tokenized rows -> the padded batch of docs/architecture.md.
+
+Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, right-padded to the longest sequence in the
+batch (not to max_length). `response_mask` marks response tokens (EOS included); the prompt and padding
+never enter the log-probability means.
+
+Pure module: torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+
+def _rows(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> list[tuple[list, list, list]]:
+    """Accept a list of row dicts, or Ray Data's dict of columns (numpy object arrays of int arrays)."""
+    if isinstance(batch, Mapping):
+        cols = [batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]]
+        return [tuple(list(map(int, c[i])) for c in cols) for i in range(len(cols[0]))]
+    return [(list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"])) for r in batch]
+
+
+def collate_pairs(batch, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    rows = _rows(batch)
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    sequences, response_lengths = [], []
+    for responses in (1, 2):  # all chosen rows first, then all rejected rows
+        for row in rows:
+            sequences.append(row[0] + row[responses])
+            response_lengths.append(len(row[responses]))
+    longest = max(map(len, sequences))
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(sequences)
+    input_ids = torch.full((n, longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, longest), dtype=torch.long)
+    response_mask = torch.zeros((n, longest), dtype=torch.bool)
+    for i, (seq, resp) in enumerate(zip(sequences, response_lengths)):
+        input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, :len(seq)] = 1
+        response_mask[i, len(seq) - resp:len(seq)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "num_pairs": len(rows)}

@@ -1,0 +1,127 @@
+"""From a config to tokenized train/eval rows, in one process (no Ray).
+
+Used by the in-process runtime, by `orpo-ray data-report`, and for tokenizing once and caching as
+Parquet before a Ray run or a Tune sweep. The Ray Data path (`launch.py`) calls the same per-row
+functions (`data.parse_record`, `tokenize.tokenize_pair`) inside `map_batches`, so both paths apply
+one truncation policy and one quarantine policy.
+
+Pure module: no ray, no deepspeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orpo_ray.config import Config
+from orpo_ray.data import PreferencePair, Quarantined, read_pairs, write_quarantine
+from orpo_ray.synthetic import write_synthetic_split
+from orpo_ray.tokenize import render_pair, tokenize_pair
+
+
+@dataclass
+class DataSources:
+    """Resolved input files: what a run actually trains and evaluates on."""
+
+    train_path: str
+    eval_path: str | None  # None: split eval_fraction off train_path
+    synthetic: bool
+
+
+@dataclass
+class PreparedData:
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    quarantined: list[Quarantined] = field(default_factory=list)
+    sources: DataSources | None = None
+
+    @property
+    def stats(self) -> dict:
+        cut = [r for r in self.train_rows + self.eval_rows if r["prompt_tokens_cut"] or r["response_tokens_cut"]]
+        return {
+            "train_pairs": len(self.train_rows),
+            "eval_pairs": len(self.eval_rows),
+            "quarantined": len(self.quarantined),
+            "truncated_pairs": len(cut),
+        }
+
+
+def resolve_sources(cfg: Config) -> DataSources:
+    """Synthetic data is written as JSONL under output_dir/data, so every path reads files the same way."""
+    d = cfg.data
+    if d.train_path is None:
+        s = d.synthetic
+        out = Path(cfg.output_dir).resolve() / "data"
+        train, evalp = write_synthetic_split(out, s.task, s.num_train, s.num_eval, s.seed)
+        return DataSources(str(train), str(evalp), synthetic=True)
+    # Absolute paths: Ray Data tasks may run in another working directory.
+    absolute = lambda p: str(Path(p).expanduser().resolve()) if p and "://" not in p else p  # noqa: E731
+    return DataSources(absolute(d.train_path), absolute(d.eval_path), synthetic=False)
+
+
+def split_for_eval(pairs: list, fraction: float) -> tuple[list, list]:
+    """Deterministic split that does not depend on file order: hash of the row's source position."""
+    def bucket(p: PreferencePair) -> float:
+        h = hashlib.sha1(f"{p.source}:{p.row}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64
+
+    train = [p for p in pairs if bucket(p) >= fraction]
+    evals = [p for p in pairs if bucket(p) < fraction]
+    return train, evals
+
+
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, max_prompt_length: int) -> list[dict]:
+    rows = []
+    for pair in pairs:
+        prompt, chosen, rejected = render_pair(pair, tokenizer)
+        rows.append(tokenize_pair(prompt, chosen, rejected, tokenizer, max_length, max_prompt_length))
+    return rows
+
+
+def prepare_data(cfg: Config, tokenizer) -> PreparedData:
+    """Read, parse, split, tokenize; quarantined rows are kept (with reasons) and written beside the run."""
+    d = cfg.data
+    sources = resolve_sources(cfg)
+    train_pairs, quarantined = read_pairs(sources.train_path, d.format)
+    if sources.eval_path is not None:
+        eval_pairs, eval_q = read_pairs(sources.eval_path, d.format)
+        quarantined += eval_q
+    else:
+        train_pairs, eval_pairs = split_for_eval(train_pairs, d.eval_fraction)
+    if d.max_train_pairs is not None:
+        train_pairs = train_pairs[: d.max_train_pairs]
+    if d.max_eval_pairs is not None:
+        eval_pairs = eval_pairs[: d.max_eval_pairs]
+    if not train_pairs:
+        raise ValueError(
+            f"{sources.train_path}: no valid preference pairs ({len(quarantined)} rows quarantined; "
+            f"first reason: {quarantined[0].reason if quarantined else 'file is empty'})"
+        )
+    tok = lambda pairs: tokenize_pairs(pairs, tokenizer, d.max_length, d.max_prompt_length)  # noqa: E731
+    return PreparedData(tok(train_pairs), tok(eval_pairs), quarantined, sources)
+
+
+def save_quarantine(prepared: PreparedData, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "quarantine.jsonl"
+    write_quarantine(path, prepared.quarantined)
+    return path
+
+
+def fingerprint(cfg: Config, tokenizer) -> str:
+    """Key for the tokenized cache: inputs, their sizes/mtimes, the tokenizer and the truncation settings."""
+    d = cfg.data
+    parts = {
+        "train": d.train_path, "eval": d.eval_path, "format": d.format, "max_length": d.max_length,
+        "max_prompt_length": d.max_prompt_length, "eval_fraction": d.eval_fraction,
+        "synthetic": vars(d.synthetic) if d.train_path is None else None,
+        "max_train_pairs": d.max_train_pairs, "max_eval_pairs": d.max_eval_pairs,
+        "vocab": len(tokenizer), "tokenizer": type(tokenizer).__name__,
+    }
+    for key in ("train", "eval"):
+        p = parts[key]
+        if p and Path(p).exists():
+            st = Path(p).stat()
+            parts[f"{key}_stat"] = [st.st_size, int(st.st_mtime)]
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,122 @@
+"""What the training loop needs from its surroundings, and the in-process implementation.
+
+The loop (`train_loop.py`) is written once. Where it runs - one process on a laptop, or N Ray Train
+workers - only changes *this* object: who my rank is, which batches are mine, how to average a tensor
+across ranks, and where checkpoints go. `launch.RayRuntime` is the Ray Train implementation; this file
+stays free of ray so a unit test can run the whole loop in a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from orpo_ray.config import Config
+from orpo_ray.prepare import PreparedData, prepare_data, save_quarantine
+
+
+class WorkerRuntime(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    supports_deepspeed: bool  # False in-process: DeepSpeed needs a process group, the plain engine does not
+
+    def setup_data(self, cfg: Config, tokenizer) -> dict:
+        """Prepare (or attach to) the data; returns stats: train_pairs, eval_pairs, quarantined, ..."""
+
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-batches *each rank* gets per epoch; the same on every rank so no rank waits forever."""
+
+    def train_batches(self, epoch: int) -> Iterator[list[dict] | dict]:
+        """Exactly micro_batches_per_epoch() micro-batches of tokenized rows for this rank, epoch-shuffled."""
+
+    def eval_batches(self) -> Iterator[list[dict] | dict]:
+        """This rank's share of the eval rows, in order (the last batch may be short)."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (metrics travel as sums and counts, so means stay exact)."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        """Hand metrics (and optionally a checkpoint written by this rank) to the runtime."""
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """A local directory holding the checkpoint to resume from, or None for a fresh start."""
+
+    def checkpoint_staging_dir(self, step: int) -> str:
+        """Where this rank writes the checkpoint of `step` before reporting it."""
+
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class LocalRuntime:
+    """One process, no Ray: rank 0 of 1. Checkpoints live in output_dir/checkpoints/step_N."""
+
+    rank = 0
+    world_size = 1
+    supports_deepspeed = False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.prepared: PreparedData | None = None
+        self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"
+
+    # ------------------------------------------------------------------------------------- data
+    def setup_data(self, cfg: Config, tokenizer) -> dict:
+        self.prepared = prepare_data(cfg, tokenizer)
+        save_quarantine(self.prepared, cfg.output_dir)
+        return self.prepared.stats
+
+    def micro_batches_per_epoch(self) -> int:
+        # drop_last: every micro-batch has exactly per_device_batch_size pairs, so gradient scale and
+        # pairs/s are the same at every step (a tiny dataset still yields one batch).
+        return max(1, len(self.prepared.train_rows) // self.cfg.train.per_device_batch_size)
+
+    def train_batches(self, epoch: int) -> Iterator[list[dict]]:
+        rows, size = self.prepared.train_rows, self.cfg.train.per_device_batch_size
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
+        for i in range(self.micro_batches_per_epoch()):
+            yield [rows[j] for j in order[i * size:(i + 1) * size].tolist()]
+
+    def eval_batches(self) -> Iterator[list[dict]]:
+        rows, size = self.prepared.eval_rows, self.cfg.train.per_device_batch_size
+        for i in range(0, len(rows), size):
+            yield rows[i:i + size]
+
+    # ------------------------------------------------------------------------------ communication
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        if checkpoint_dir is not None:
+            _prune_checkpoints(self.checkpoint_root, keep=2)
+
+    # -------------------------------------------------------------------------------- checkpoints
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        yield latest_step_dir(self.checkpoint_root)
+
+    def checkpoint_staging_dir(self, step: int) -> str:
+        return str(self.checkpoint_root / f"step_{step}")
+
+
+def latest_step_dir(root: Path) -> str | None:
+    """The step_N directory with the largest N that finished writing (has a COMPLETE marker)."""
+    if not root.is_dir():
+        return None
+    done = [(int(m.group(1)), p) for p in root.iterdir()
+            if (m := _STEP_DIR.match(p.name)) and (p / "COMPLETE").exists()]
+    return str(max(done)[1]) if done else None
+
+
+def _prune_checkpoints(root: Path, keep: int) -> None:
+    done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, path in done[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""A deterministic synthetic preference task for the embedded default (no download, learnable in a minute).
+
+"sort": the prompt asks to sort a handful of letters; the chosen answer is the sorted string, the rejected
+one a near miss (one adjacent pair swapped, or one letter replaced). Rejected shares most of its tokens
+with chosen - so SFT on chosen raises rejected too, the effect ORPO's odds-ratio term is there to undo
+(the paper's Fig. 3) - yet a tiny model can learn the rule that separates them (letters ascend).
+
+Pure module: stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+from typing import Callable
+
+LETTERS = string.ascii_lowercase[:12]  # a small alphabet keeps the task learnable by a 0.4M-parameter model
+
+
+def _sort_example(rng: random.Random) -> tuple[str, str, str]:
+    n = rng.randint(4, 7)
+    letters = rng.sample(LETTERS, n)
+    chosen = "".join(sorted(letters))
+    wrong = list(chosen)
+    if rng.random() < 0.5:  # swap one adjacent pair: same letters, wrong order
+        i = rng.randrange(n - 1)
+        wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+    else:  # replace one letter with one that was not in the prompt
+        i = rng.randrange(n)
+        wrong[i] = rng.choice([c for c in LETTERS if c not in letters])
+    return f"Sort: {''.join(letters)}\nAnswer:", " " + chosen, " " + "".join(wrong)
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {"sort": _sort_example}
+
+
+def generate_pairs(task: str, n: int, seed: int, exclude_prompts: set[str] = frozenset()) -> list[dict]:
+    """`n` distinct-prompt pairs of `task`, identical for the same (task, n, seed)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r} (known: {sorted(TASKS)})")
+    rng = random.Random(f"{task}:{seed}")
+    seen, pairs = set(exclude_prompts), []
+    attempts = 0
+    while len(pairs) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ValueError(f"task {task!r} cannot produce {n} distinct prompts")
+        prompt, chosen, rejected = TASKS[task](rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def write_synthetic_split(out_dir: str | Path, task: str, num_train: int, num_eval: int, seed: int) -> tuple[Path, Path]:
+    """train.jsonl and eval.jsonl with disjoint prompts; rewritten only when missing (same inputs, same files)."""
+    out = Path(out_dir) / f"{task}-seed{seed}-{num_train}-{num_eval}"
+    train_path, eval_path = out / "train.jsonl", out / "eval.jsonl"
+    if train_path.exists() and eval_path.exists():
+        return train_path, eval_path
+    out.mkdir(parents=True, exist_ok=True)
+    evals = generate_pairs(task, num_eval, seed + 1_000_003)
+    train = generate_pairs(task, num_train, seed, exclude_prompts={p["prompt"] for p in evals})
+    for path, rows in ((train_path, train), (eval_path, evals)):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.rename(path)
+    return train_path, eval_path

@@ -1,0 +1,67 @@
+"""Preference pair -> token ids, under one stated truncation policy.
+
+Truncation policy (the only one in the project; Ray Data and the in-process path both call this):
+  1. prompt_ids = [BOS] + prompt tokens (BOS only if the tokenizer has one); each response = its tokens + [EOS].
+  2. If len(prompt) + max(len(chosen), len(rejected)) > max_length and the prompt is longer than
+     max_prompt_length, keep the END of the prompt (the most recent turns carry the question being
+     answered): left-truncate it to max_prompt_length tokens, BOS staying first.
+  3. Right-truncate each response to max_length - len(prompt) tokens.
+Because the config enforces max_prompt_length < max_length, step 3 always leaves at least one response
+token, so the length-normalised log-probability is never 0/0 - the case where TRL's ORPOTrainer yields NaN
+when a prompt fills max_length.
+
+Pure module: tokenizer objects only; no ray, no deepspeed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orpo_ray.data import PreferencePair
+
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_tokens_cut", "response_tokens_cut")
+
+
+def render_pair(pair: PreferencePair, tokenizer: Any) -> tuple[str, str, str]:
+    """Texts of (prompt, chosen, rejected); conversational pairs go through the tokenizer's chat template."""
+    if isinstance(pair.chosen, str):
+        return pair.prompt, pair.chosen, pair.rejected
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{pair.source} row {pair.row}: conversational data needs a tokenizer with a chat template")
+    prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+    responses = []
+    for reply in (pair.chosen, pair.rejected):
+        full = tokenizer.apply_chat_template(pair.prompt + reply, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError(f"{pair.source} row {pair.row}: the chat template does not render the prompt as a "
+                             "prefix of prompt + response, so the response cannot be separated")
+        responses.append(full[len(prompt_text):])
+    return prompt_text, responses[0], responses[1]
+
+
+def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, max_length: int,
+                  max_prompt_length: int) -> dict:
+    """The tokenized row of docs/architecture.md, truncated by the policy in the module docstring."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt_ids = ([bos] if bos is not None else []) + encode(prompt)
+    chosen_ids, rejected_ids = encode(chosen) + [eos], encode(rejected) + [eos]
+
+    prompt_cut = 0
+    if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length and len(prompt_ids) > max_prompt_length:
+        prompt_cut = len(prompt_ids) - max_prompt_length
+        if bos is not None:  # keep BOS first, then the last max_prompt_length - 1 prompt tokens
+            prompt_ids = [bos] + prompt_ids[1 + prompt_cut:]
+        else:
+            prompt_ids = prompt_ids[prompt_cut:]
+    budget = max_length - len(prompt_ids)
+    response_cut = max(0, len(chosen_ids) - budget) + max(0, len(rejected_ids) - budget)
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids[:budget],
+        "rejected_ids": rejected_ids[:budget],
+        "prompt_tokens_cut": prompt_cut,
+        "response_tokens_cut": response_cut,
+    }

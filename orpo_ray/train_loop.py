@@ -1,0 +1,243 @@
+"""The ORPO training loop: one function, read top to bottom.
+
+`train_loop_per_worker(config)` is what Ray Train runs on every worker (and what a 1-worker in-process
+run calls directly). Everything environment-specific - rank, data shard, averaging across ranks,
+checkpoint storage - comes from a `WorkerRuntime`; everything DeepSpeed-specific comes from `engine`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from orpo_ray.collate import collate_pairs
+from orpo_ray.config import Config, config_from_dict
+from orpo_ray.engine import create_engine
+from orpo_ray.logprobs import policy_forward
+from orpo_ray.loss import orpo_loss
+from orpo_ray.metrics import TRAIN_METRIC_NAMES, MetricAverager, with_prefix, write_results
+from orpo_ray.modeling import export_model, load_model_and_tokenizer, parameter_counts
+from orpo_ray.precision import autocast_context, hardware_summary, select_precision
+from orpo_ray.runtime import LocalRuntime, WorkerRuntime
+
+RUN_EXTRAS_KEY = "_run"  # non-Config entries of the loop's config dict (e.g. MLflow parent run id)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def split_loop_config(config: dict) -> tuple[Config, dict]:
+    config = dict(config)
+    extras = config.pop(RUN_EXTRAS_KEY, None) or {}
+    return config_from_dict(config, where="train_loop_per_worker config"), extras
+
+
+def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) -> dict:
+    cfg, extras = split_loop_config(config)
+    runtime = runtime or LocalRuntime(cfg)
+    is_main = runtime.rank == 0
+    t = cfg.train
+    torch.manual_seed(t.seed)
+
+    # ---- model, tokenizer, precision ------------------------------------------------------------
+    precision, precision_reason = select_precision(t.precision, runtime.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model.to(runtime.device)
+    trainable, total = parameter_counts(model)
+
+    # ---- data: every rank gets the same number of micro-batches per epoch ------------------------
+    data_stats = runtime.setup_data(cfg, tokenizer)
+    per_epoch = runtime.micro_batches_per_epoch() // t.gradient_accumulation_steps
+    if per_epoch < 1:
+        raise ValueError(
+            f"{data_stats['train_pairs']} training pairs give no full optimizer step per epoch at "
+            f"per_device_batch_size={t.per_device_batch_size} x gradient_accumulation_steps="
+            f"{t.gradient_accumulation_steps} x {runtime.world_size} workers"
+        )
+    total_steps = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
+    global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * runtime.world_size
+
+    engine = create_engine(
+        model,
+        use_deepspeed=cfg.deepspeed.enabled and runtime.supports_deepspeed,
+        lr=t.learning_rate,
+        total_steps=total_steps,
+        warmup_steps=t.warmup_steps or int(t.warmup_ratio * total_steps),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        grad_accum=t.gradient_accumulation_steps,
+        micro_batch_size=t.per_device_batch_size,
+        bf16=precision == "bf16",
+        schedule=t.scheduler,
+        betas=tuple(t.adam_betas),
+        ds_section=deepspeed_section(cfg),
+    )
+    with runtime.latest_checkpoint() as ckpt_dir:
+        start_step = engine.global_step if engine.load(ckpt_dir) else 0
+
+    tracker = _start_tracker(cfg, extras, is_main)
+    if is_main:
+        print(f"[orpo-ray] {trainable:,}/{total:,} trainable parameters | precision {precision} ({precision_reason}) "
+              f"| {data_stats} | {total_steps} steps of {global_batch} pairs"
+              + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+        tracker.log_params({"config": cfg.to_dict(), "data": data_stats, "precision": precision})
+
+    # ---- the loop ------------------------------------------------------------------------------
+    micro_iter = _micro_batches(runtime, start_micro=start_step * t.gradient_accumulation_steps)
+    pad_id = tokenizer.pad_token_id
+    window = MetricAverager()          # train metrics since the last log
+    history: list[dict] = []           # one row per log/eval, for plots and results.json
+    train_metrics: dict = {}
+    eval_metrics: dict = {}
+    timed_steps, timed_seconds = 0, 0.0  # optimisation loop only: first step (warm-up) and eval excluded
+    wall_start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc="orpo", disable=not (is_main and t.progress_bar),
+               file=sys.stdout, dynamic_ncols=True)
+    for step in range(start_step, total_steps):
+        step_start = time.perf_counter()
+        engine.model.train()
+        for _ in range(t.gradient_accumulation_steps):
+            batch = _to_device(collate_pairs(next(micro_iter), pad_id), runtime.device)
+            with autocast_context(precision, runtime.device):
+                out = policy_forward(engine.model, batch, nll_on_prompt=cfg.orpo.nll_on_prompt)
+            loss, metrics = orpo_loss(out, cfg.orpo.beta)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed semantics: only updates at the accumulation boundary
+            window.add(metrics)
+        done = step + 1
+        if step > start_step:  # the first step of a (re)start pays one-off allocation costs
+            timed_steps += 1
+            timed_seconds += time.perf_counter() - step_start
+
+        if t.fail_at_step is not None and done == t.fail_at_step and is_main and not extras.get("no_fault"):
+            _inject_fault(cfg, done)
+
+        if done % t.log_interval == 0 or done == total_steps:
+            train_metrics = reduce_metrics(window, runtime)
+            window = MetricAverager()
+            train_metrics.update(learning_rate=engine.lr(), epoch=done / per_epoch)
+            history.append({"step": done, **train_metrics})
+            tracker.log_metrics(train_metrics, step=done)
+            if timed_seconds:
+                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",
+                                pairs_s=f"{timed_steps * global_batch / timed_seconds:.1f}")
+
+        if (t.eval_interval and done % t.eval_interval == 0) or done == total_steps:
+            eval_metrics = evaluate(engine.model, runtime, cfg, precision, pad_id)
+            history.append({"step": done, **eval_metrics})
+            tracker.log_metrics(eval_metrics, step=done)
+            if is_main:
+                bar.write(f"step {done}: eval_loss {eval_metrics['eval_loss']:.4f} "
+                          f"eval_rewards/accuracies {eval_metrics['eval_rewards/accuracies']:.3f}")
+
+        checkpoint_dir = None
+        if t.checkpoint_interval and done % t.checkpoint_interval == 0 and done < total_steps:
+            checkpoint_dir = runtime.checkpoint_staging_dir(done)
+            engine.save(checkpoint_dir)
+            (Path(checkpoint_dir) / "COMPLETE").touch()
+        if checkpoint_dir or done % t.log_interval == 0 or done == total_steps:
+            runtime.report({"step": done, **train_metrics, **eval_metrics}, checkpoint_dir)
+        bar.update(1)
+    bar.close()
+
+    # ---- results and export (rank 0) ------------------------------------------------------------
+    results = {
+        "train": train_metrics,
+        "eval": eval_metrics,
+        "num_steps": total_steps,
+        "resumed_from_step": start_step,
+        "global_batch_pairs": global_batch,
+        "pairs_per_second": timed_steps * global_batch / timed_seconds if timed_seconds else None,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "peak_rss_mb": peak_rss_mb(),
+        "quarantined": data_stats["quarantined"],
+        "data": data_stats,
+        "precision": precision,
+        "world_size": runtime.world_size,
+        "parameters": {"trainable": trainable, "total": total},
+        "hardware": hardware_summary(),
+    }
+    if is_main:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        if cfg.export.save_model:
+            export_model(engine.module, tokenizer, out / "model")
+            results["model_dir"] = str((out / "model").resolve())
+        write_results(out / "results.json", results)
+        tracker.finish(cfg, history, out)
+    return results
+
+
+@torch.no_grad()
+def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id: int) -> dict:
+    """ORPO loss and metrics on this rank's eval rows, averaged over ranks, with the `eval_` prefix."""
+    model.eval()
+    averager = MetricAverager()
+    batches = runtime.eval_batches()
+    if cfg.train.eval_max_batches is not None:
+        batches = itertools.islice(batches, cfg.train.eval_max_batches)
+    for rows in batches:
+        batch = _to_device(collate_pairs(rows, pad_id), runtime.device)
+        with autocast_context(precision, runtime.device):
+            out = policy_forward(model, batch, nll_on_prompt=cfg.orpo.nll_on_prompt)
+        _, metrics = orpo_loss(out, cfg.orpo.beta)
+        averager.add(metrics, weight=batch["num_pairs"])  # the last eval batch may be short
+    return with_prefix(reduce_metrics(averager, runtime), "eval_")
+
+
+def reduce_metrics(averager: MetricAverager, runtime: WorkerRuntime) -> dict:
+    """Exact means over all ranks: sums and counts are all-reduced, then divided."""
+    packed = runtime.all_reduce_sum(averager.as_tensor(TRAIN_METRIC_NAMES))
+    return MetricAverager.from_tensor(packed, TRAIN_METRIC_NAMES).compute()
+
+
+def deepspeed_section(cfg: Config) -> dict:
+    """The `deepspeed` config section as DeepSpeed's own JSON keys (batch/optimizer keys come from `train`)."""
+    d = cfg.deepspeed
+    zero: dict = {"stage": d.zero_stage, "reduce_bucket_size": d.reduce_bucket_size, "overlap_comm": d.overlap_comm}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    return {"zero_optimization": zero}
+
+
+def _micro_batches(runtime: WorkerRuntime, start_micro: int):
+    """Endless micro-batches across epochs, starting after `start_micro` (resume lands on the same batch)."""
+    per_epoch = runtime.micro_batches_per_epoch()
+    epoch, skip = divmod(start_micro, per_epoch)
+    while True:
+        yield from itertools.islice(runtime.train_batches(epoch), skip, None)
+        epoch, skip = epoch + 1, 0
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _inject_fault(cfg: Config, step: int) -> None:
+    """Fault injection for the fault-tolerance test: die once, like a killed worker would."""
+    marker = Path(cfg.output_dir) / f".fault_injected_step_{step}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        print(f"[orpo-ray] fault injection: worker exits at step {step}", flush=True)
+        os._exit(17)
+
+
+def _start_tracker(cfg: Config, extras: dict, is_main: bool):
+    from orpo_ray.tracking import RunTracker
+
+    return RunTracker.for_worker(cfg, extras, is_main)
