@@ -44,10 +44,18 @@ def worker_env() -> dict:
     return env
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's per-dataset progress bars flood the log of every worker; our own tqdm bar shows progress."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def ensure_ray(cfg: Config) -> None:
     """Join the configured cluster, the one `ray job submit` put us on, or start a local instance."""
     import ray
 
+    quiet_ray_data()
     if ray.is_initialized():
         return
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
@@ -146,6 +154,7 @@ def ray_train_loop(config: dict) -> None:
     from orpo_ray.train_loop import split_loop_config
 
     cfg, extras = split_loop_config(config)
+    quiet_ray_data()
     train_loop_per_worker(config, runtime=RayRuntime(cfg, extras))
 
 
