@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from orpo_ray.config import ConfigError, describe, load_config
+from orpo_ray.config import ConfigError, describe, load_config, with_absolute_paths
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:42s} {default:24s} {help_text}")
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = with_absolute_paths(load_config(args.config, args.overrides))
     except ConfigError as e:
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2

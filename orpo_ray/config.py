@@ -387,3 +387,24 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy whose local paths are absolute: Ray workers and Ray Data tasks run in other directories.
+
+    Leaves 'tiny', URIs (``scheme://``) and null alone.
+    """
+    def absolute(path: str | None) -> str | None:
+        if path is None or path == "tiny" or "://" in path:
+            return path
+        return str(Path(path).expanduser().resolve())
+
+    return dataclasses.replace(
+        cfg,
+        output_dir=absolute(cfg.output_dir),
+        model=dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
+                                  tokenizer=absolute(cfg.model.tokenizer)),
+        data=dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path),
+                                 eval_path=absolute(cfg.data.eval_path), cache_dir=absolute(cfg.data.cache_dir)),
+        scaling=dataclasses.replace(cfg.scaling, storage_path=absolute(cfg.scaling.storage_path)),
+    )

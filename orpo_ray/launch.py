@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from orpo_ray.config import Config
+from orpo_ray.config import Config, with_absolute_paths
 from orpo_ray.train_loop import RUN_EXTRAS_KEY, train_loop_per_worker
 
 # Ray Train run name inside scaling.storage_path. Fixed, because Ray Train V2 resumes a run from its latest
@@ -62,7 +62,7 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": worker_env()},
+        ray.init(runtime_env={"env_vars": worker_env()},
                  num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
 
 
@@ -167,6 +167,7 @@ def make_trainer(cfg: Config, datasets: dict, extras: dict, *, run_name: str = R
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = with_absolute_paths(cfg)  # workers run in another directory
     s = cfg.scaling
     loop_config = {**cfg.to_dict(), RUN_EXTRAS_KEY: extras}
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": 1} if s.use_gpu else {})

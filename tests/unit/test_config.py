@@ -92,3 +92,15 @@ def test_every_field_is_documented():
     assert len(rows) > 40
     undocumented = [key for key, _, help_text in rows if not help_text]
     assert undocumented == []
+
+
+def test_with_absolute_paths_resolves_local_paths_only(tmp_path, monkeypatch):
+    from orpo_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config(None, ["output_dir=out/run", "data.train_path=d/train.jsonl",
+                                                 "data.eval_path=hf://owner/name"]))
+    assert cfg.output_dir == str(tmp_path / "out" / "run")
+    assert cfg.data.train_path == str(tmp_path / "d" / "train.jsonl")
+    assert cfg.data.eval_path == "hf://owner/name" and cfg.model.name_or_path == "tiny"
+    assert cfg.data.cache_dir is None
