@@ -199,6 +199,17 @@ class TuneSection:
 
 
 @dataclass
+class EvalSection:
+    """`orpo-ray eval CONFIG eval.checkpoint=PATH`: held-out preference metrics of a trained model."""
+
+    checkpoint: Optional[str] = _f(
+        None, "Model directory to evaluate, or a run's output_dir (its model/ is used); required by `eval`."
+    )
+    num_generations: int = _f(4, "Greedy generations for the first N eval prompts (0: none).")
+    max_new_tokens: int = _f(32, "Token budget of each greedy generation.")
+
+
+@dataclass
 class ExportConfig:
     save_model: bool = _f(True, "save_pretrained the final model and tokenizer to output_dir/model.")
     merge_lora: bool = _f(False, "With LoRA: also export a merged full model to output_dir/merged.")
@@ -216,6 +227,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow."})
     tune: TuneSection = field(default_factory=TuneSection, metadata={"help": "Ray Tune sweep."})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Model export."})
+    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "`orpo-ray eval`."})
 
     def validate(self, where: str = "config") -> "Config":
         """Cross-field checks the type system cannot express."""

@@ -33,7 +33,23 @@ def _sort_example(rng: random.Random) -> tuple[str, str, str]:
     return f"Sort: {''.join(letters)}\nAnswer:", " " + chosen, " " + "".join(wrong)
 
 
-TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {"sort": _sort_example}
+def _pick_example(rng: random.Random) -> tuple[str, str, str]:
+    """"pick": any letter of the prompt is a valid answer, earlier letters are preferred.
+
+    The chosen letter is uniform over all ranks but the last, the rejected one uniform over the letters after
+    it. So the chosen answers alone say little more than "a letter of the prompt, not the largest" - SFT
+    learns that and ranks the rest of a pair near chance - while the pairs say "earlier is better", which
+    ORPO's odds-ratio term can learn. The evidence task for SFT vs ORPO (docs: configs/evidence/).
+    """
+    n = rng.randint(5, 9)
+    letters = rng.sample(string.ascii_lowercase, n)
+    ranked = sorted(letters)
+    win = rng.randrange(n - 1)
+    lose = rng.randrange(win + 1, n)
+    return f"Pick one: {' '.join(letters)}\nAnswer:", " " + ranked[win], " " + ranked[lose]
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {"sort": _sort_example, "pick": _pick_example}
 
 
 def generate_pairs(task: str, n: int, seed: int, exclude_prompts: set[str] = frozenset()) -> list[dict]:
