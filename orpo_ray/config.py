@@ -151,6 +151,32 @@ class TrainConfig:
     )
 
 
+# ---------------------------------------------------------------------------------------- efficiency
+@dataclass
+class EfficiencySection:
+    """Speed/memory switches; each gives the same losses and gradients as the plain path (tests/unit)."""
+
+    chunked_lm_head: bool = _f(
+        False, "Apply the lm-head chunk by chunk to the positions that have targets only; never hold [2B, T, V]."
+    )
+    lm_head_chunk_size: int = _f(1024, "Positions per lm-head chunk (the fp32 temporary is chunk x vocab).")
+    prefix_sharing: bool = _f(
+        False, "Encode each prompt once: one sequence [prompt | chosen | rejected] with a block attention mask."
+    )
+    packing: bool = _f(False, "Pack several pairs into one row (block-diagonal mask) so padding is not computed.")
+    pack_length: Optional[int] = _f(None, "Tokens per packed row; null means the longest segment of each batch.")
+
+
+@dataclass
+class BenchSection:
+    """`orpo-ray bench`: TRL's ORPOTrainer against orpo-ray on the same model, data, batch and steps."""
+
+    vocab_size: int = _f(8192, "BPE vocabulary trained on the HH text for the benchmark model.")
+    num_pairs: Optional[int] = _f(None, "Training pairs to use; null means max_steps x per_device_batch_size.")
+    matmul_size: int = _f(1024, "Side of the square matmul that measures the machine's fp32/bf16 peak.")
+    legs: list = _f([], "Contenders: {name, kind: trl|orpo, precision, overrides: [key=value ...]} mappings.")
+
+
 # ------------------------------------------------------------------------------------------- scaling
 @dataclass
 class ScalingSection:
@@ -224,6 +250,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
     scaling: ScalingSection = field(default_factory=ScalingSection, metadata={"help": "Ray Train workers."})
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection, metadata={"help": "DeepSpeed."})
+    efficiency: EfficiencySection = field(default_factory=EfficiencySection, metadata={"help": "Speed-ups."})
+    bench: BenchSection = field(default_factory=BenchSection, metadata={"help": "Benchmark vs TRL."})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow."})
     tune: TuneSection = field(default_factory=TuneSection, metadata={"help": "Ray Tune sweep."})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Model export."})
@@ -246,6 +274,10 @@ class Config:
             raise ConfigError(f"{where}: train.max_steps must be >= 1 or null, got {t.max_steps}")
         if self.orpo.beta < 0:
             raise ConfigError(f"{where}: orpo.beta must be >= 0, got {self.orpo.beta}")
+        e = self.efficiency
+        if e.lm_head_chunk_size < 1 or (e.pack_length is not None and e.pack_length < 2 * d.max_length):
+            raise ConfigError(f"{where}: efficiency.lm_head_chunk_size must be >= 1 and efficiency.pack_length "
+                              f">= 2 * data.max_length ({2 * d.max_length}) so any pair fits one row")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{where}: deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
         return self

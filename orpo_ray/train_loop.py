@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from orpo_ray.collate import collate_pairs
 from orpo_ray.config import Config, config_from_dict
+from orpo_ray.efficiency import make_collate, make_token_stats
 from orpo_ray.engine import create_engine
 from orpo_ray.logprobs import policy_forward
 from orpo_ray.loss import orpo_loss
@@ -102,16 +102,20 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     train_metrics: dict = {}
     eval_metrics: dict = {}
     timed_steps, timed_seconds = 0, 0.0  # optimisation loop only: first step (warm-up) and eval excluded
+    timed_tokens = step_tokens = 0      # non-pad tokens (prompt counted in both sequences of a pair, as TRL feeds them)
+    collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg)
     wall_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="orpo", disable=not (is_main and t.progress_bar),
                file=sys.stdout, dynamic_ncols=True)
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         engine.model.train()
+        step_tokens = 0
         for _ in range(t.gradient_accumulation_steps):
-            batch = _to_device(collate_pairs(next(micro_iter), pad_id), runtime.device)
+            batch = _to_device(collate(next(micro_iter)), runtime.device)
+            step_tokens += int(batch["attention_mask"].sum())
             with autocast_context(precision, runtime.device):
-                out = policy_forward(engine.model, batch, nll_on_prompt=cfg.orpo.nll_on_prompt)
+                out = policy_forward(engine.model, batch, cfg.orpo.nll_on_prompt, token_stats=token_stats)
             loss, metrics = orpo_loss(out, cfg.orpo.beta)
             engine.backward(loss)
             engine.step()  # DeepSpeed semantics: only updates at the accumulation boundary
@@ -119,6 +123,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         done = step + 1
         if step > start_step:  # the first step of a (re)start pays one-off allocation costs
             timed_steps += 1
+            timed_tokens += step_tokens
             timed_seconds += time.perf_counter() - step_start
 
         if t.fail_at_step is not None and done == t.fail_at_step and is_main and not extras.get("no_fault"):
@@ -153,6 +158,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     bar.close()
 
     # ---- results and export (rank 0) ------------------------------------------------------------
+    all_tokens = float(runtime.all_reduce_sum(torch.tensor([float(timed_tokens)]))[0])
     results = {
         "train": train_metrics,
         "eval": eval_metrics,
@@ -160,6 +166,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         "resumed_from_step": start_step,
         "global_batch_pairs": global_batch,
         "pairs_per_second": timed_steps * global_batch / timed_seconds if timed_seconds else None,
+        "tokens_per_second": all_tokens / timed_seconds if timed_seconds else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "peak_rss_mb": peak_rss_mb(),
         "quarantined": data_stats["quarantined"],
@@ -189,10 +196,11 @@ def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id:
     batches = runtime.eval_batches()
     if cfg.train.eval_max_batches is not None:
         batches = itertools.islice(batches, cfg.train.eval_max_batches)
+    collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg)
     for rows in batches:
-        batch = _to_device(collate_pairs(rows, pad_id), runtime.device)
+        batch = _to_device(collate(rows), runtime.device)
         with autocast_context(precision, runtime.device):
-            out = policy_forward(model, batch, nll_on_prompt=cfg.orpo.nll_on_prompt)
+            out = policy_forward(model, batch, cfg.orpo.nll_on_prompt, token_stats=token_stats)
         _, metrics = orpo_loss(out, cfg.orpo.beta)
         averager.add(metrics, weight=batch["num_pairs"])  # the last eval batch may be short
     return with_prefix(reduce_metrics(averager, runtime), "eval_")

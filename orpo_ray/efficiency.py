@@ -1,0 +1,48 @@
+"""Which collate and which lm-head path a run uses, from the ``efficiency`` config section.
+
+One place that maps the switches to functions, so the training loop, evaluation and the benchmark agree:
+
+    prefix_sharing / packing  -> ``packing.collate_packed`` + ``packing.packed_token_stats``
+    chunked_lm_head only      -> ``collate.collate_pairs`` + ``chunked_logprobs.chunked_padded_token_stats``
+    nothing                   -> ``collate.collate_pairs`` + ``logprobs.full_logits_token_stats``
+
+Precision (bf16 autocast) is ``train.precision`` and applies on every path. Pure module: torch only.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from orpo_ray.chunked_logprobs import chunked_padded_token_stats
+from orpo_ray.collate import collate_pairs
+from orpo_ray.config import Config
+from orpo_ray.logprobs import TokenStatsFn, full_logits_token_stats
+from orpo_ray.packing import collate_packed, packed_token_stats
+
+
+def uses_packed_layout(cfg: Config) -> bool:
+    return cfg.efficiency.prefix_sharing or cfg.efficiency.packing
+
+
+def make_collate(cfg: Config, pad_token_id: int) -> Callable[[object], dict]:
+    """rows -> batch for ``policy_forward`` (the packed variants also carry the padded masks)."""
+    e = cfg.efficiency
+    if not uses_packed_layout(cfg):
+        return partial(collate_pairs, pad_token_id=pad_token_id)
+    # pack_length null: rows as long as the batch's longest segment (attention is dense per row, so a row
+    # much longer than its segments would spend L^2 work on masked-out blocks).
+    pack_length = (e.pack_length or "longest") if e.packing else None
+    return partial(collate_packed, pad_token_id=pad_token_id, prefix_sharing=e.prefix_sharing,
+                   pack_length=pack_length)
+
+
+def make_token_stats(cfg: Config) -> TokenStatsFn:
+    """The ``token_stats`` argument of ``policy_forward`` matching ``make_collate``."""
+    e, nll_on_prompt = cfg.efficiency, cfg.orpo.nll_on_prompt
+    chunk = e.lm_head_chunk_size if e.chunked_lm_head else None
+    if uses_packed_layout(cfg):
+        return partial(packed_token_stats, nll_on_prompt=nll_on_prompt, chunk=chunk)
+    if chunk is not None:
+        return partial(chunked_padded_token_stats, nll_on_prompt=nll_on_prompt, chunk=chunk)
+    return full_logits_token_stats

@@ -1,0 +1,98 @@
+"""Every speed-up gives the plain path's losses and gradients (fp32: ~1e-5; bf16 autocast: bf16 tolerance)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from orpo_ray.chunked_logprobs import chunked_target_logps
+from orpo_ray.config import Config, EfficiencySection, ModelConfig, OrpoConfig, TinyModelConfig
+from orpo_ray.efficiency import make_collate, make_token_stats
+from orpo_ray.logprobs import policy_forward
+from orpo_ray.loss import orpo_loss
+from orpo_ray.modeling import build_tiny_model
+from orpo_ray.packing import block_attention_mask, collate_packed
+from orpo_ray.precision import autocast_context
+from orpo_ray.tokenizer import build_byte_tokenizer
+
+TOK = build_byte_tokenizer()
+MODEL_CFG = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64))
+
+
+def _rows(seed=0, pairs=3):
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: torch.randint(3, 250, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()  # noqa: E731
+    return [{"prompt_ids": [TOK.bos_token_id] + draw(2, 9), "chosen_ids": draw(1, 7) + [TOK.eos_token_id],
+             "rejected_ids": draw(1, 7) + [TOK.eos_token_id]} for _ in range(pairs)]
+
+
+def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precision="fp32"):
+    cfg = dataclasses.replace(Config(), efficiency=eff, orpo=OrpoConfig(beta=0.3, nll_on_prompt=nll_on_prompt))
+    cfg.data.max_length = 32
+    model.zero_grad()
+    batch = make_collate(cfg, TOK.pad_token_id)(rows)
+    with autocast_context(precision):
+        out = policy_forward(model, batch, nll_on_prompt, token_stats=make_token_stats(cfg))
+    loss, metrics = orpo_loss(out, cfg.orpo.beta)
+    loss.backward()
+    return metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+SWITCHES = {
+    "chunked": EfficiencySection(chunked_lm_head=True, lm_head_chunk_size=5),
+    "prefix": EfficiencySection(prefix_sharing=True),
+    "packing": EfficiencySection(packing=True, pack_length=64),
+    "prefix+packing-to-longest": EfficiencySection(prefix_sharing=True, packing=True),
+    "prefix+packing+chunked": EfficiencySection(prefix_sharing=True, packing=True, chunked_lm_head=True,
+                                                lm_head_chunk_size=7, pack_length=64),
+}
+
+
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_switch_matches_plain_path_fp32(name, nll_on_prompt):
+    model, rows = build_tiny_model(MODEL_CFG, TOK), _rows()
+    ref_m, ref_g = _loss_and_grads(model, EfficiencySection(), rows, nll_on_prompt)
+    m, g = _loss_and_grads(model, SWITCHES[name], rows, nll_on_prompt)
+    for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+        torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-5, msg=k)
+    for n in ref_g:
+        torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["plain", "prefix+packing+chunked"])
+def test_bf16_autocast_matches_fp32_within_bf16_tolerance(name):
+    model, rows = build_tiny_model(MODEL_CFG, TOK), _rows(seed=1)
+    ref_m, ref_g = _loss_and_grads(model, EfficiencySection(), rows, True, "fp32")
+    m, g = _loss_and_grads(model, SWITCHES.get(name, EfficiencySection()), rows, True, "bf16")
+    torch.testing.assert_close(m["loss"], ref_m["loss"], rtol=1e-2, atol=1e-2)
+    for n in ref_g:  # bf16 has an 8-bit mantissa: compare gradient directions and norms
+        cos = torch.nn.functional.cosine_similarity(g[n].flatten(), ref_g[n].flatten(), dim=0)
+        assert cos > 0.99, (n, float(cos))
+        torch.testing.assert_close(g[n].norm(), ref_g[n].norm(), rtol=5e-2, atol=1e-6)
+
+
+def test_chunked_lm_head_gradcheck_fp64():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    logps, sums = chunked_target_logps(hidden, weight, targets, 3)
+    ref = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(logps, ref)
+    torch.testing.assert_close(sums, (hidden @ weight.T).sum(-1).detach())
+    assert torch.autograd.gradcheck(lambda h, w: chunked_target_logps(h, w, targets, 3)[0], (hidden, weight))
+
+
+def test_block_mask_rejected_sees_prompt_not_chosen():
+    rows = [{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2]}]
+    b = collate_packed(rows, pad_token_id=0, prefix_sharing=True, pack_length=8)
+    mask = block_attention_mask(b["packed_segment"], b["packed_branch"])[0, 0]
+    assert b["packed_position_ids"][0, :6].tolist() == [0, 1, 2, 3, 2, 3]
+    assert mask[4].tolist()[:6] == [True, True, False, False, True, False]   # first rejected token
+    assert mask[3].tolist()[:6] == [True, True, True, True, False, False]    # last chosen token
+    assert mask[6].tolist() == [False] * 6 + [True, False]                   # padding: itself only
+    # the first rejected target is predicted from the last prompt token (index 1), not from index 3
+    first_rejected = b["target_dst"].tolist().index(1 * b["input_ids"].shape[1] + 2)
+    assert b["target_src"][first_rejected] == 1
