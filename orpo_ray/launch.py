@@ -17,22 +17,27 @@ The only module (with `tune.py`) that knows Ray's APIs. Flow of `run_training(cf
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from orpo_ray.config import Config, with_absolute_paths
+from orpo_ray.config import Config, ConfigError, with_absolute_paths
+from orpo_ray.ray_data import micro_batches_per_epoch, rank_micro_batches, window_rows
 from orpo_ray.train_loop import RUN_EXTRAS_KEY, train_loop_per_worker
 
-# Ray Train run name inside scaling.storage_path. Fixed, because Ray Train V2 resumes a run from its latest
-# checkpoint when the same (name, storage_path) is fitted again: that is how re-running a command resumes.
-RUN_NAME = "train"
+# Config keys that may change between the attempts of one run (re-running a command resumes it): they do
+# not change what is trained. Anything else differing means a different run: refused, not silently resumed.
+VOLATILE_KEYS = ("train.fail_at_step", "train.progress_bar", "tracking", "scaling.address",
+                 "scaling.max_failures", "export")
+RUN_STATE_FILE = "orpo_run.json"  # next to Ray's checkpoints: {"config": ..., "completed": bool}
 
 
 # ------------------------------------------------------------------------------------------- ray session
@@ -93,20 +98,20 @@ class RayRuntime:
         return dict(self.extras["data_stats"])
 
     def micro_batches_per_epoch(self) -> int:
-        # streaming_split(equal=True) gives each rank floor(N / world) rows; drop_last batches of B.
-        rows_per_rank = self.extras["data_stats"]["train_pairs"] // self.world_size
-        return max(1, rows_per_rank // self.cfg.train.per_device_batch_size)
+        t = self.cfg.train
+        return micro_batches_per_epoch(self.extras["data_stats"]["train_pairs"], t.per_device_batch_size,
+                                       self.world_size, t.gradient_accumulation_steps)
 
     def train_batches(self, epoch: int) -> Iterator[dict]:
-        per_epoch = self.micro_batches_per_epoch()
-        batches = self.train_shard.iter_batches(
-            batch_size=self.cfg.train.per_device_batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=self.cfg.train.per_device_batch_size * 16,
-            local_shuffle_seed=self.cfg.train.seed + epoch * 1000 + self.rank,
-        )
-        # A tiny shard may hold fewer rows than one batch: repeat it rather than run fewer steps than
-        # the other ranks (a rank that stops early deadlocks the gradient all-reduce).
-        yield from itertools.islice(itertools.chain.from_iterable(itertools.repeat(list(batches), per_epoch)), per_epoch)
+        # The train set is not split across ranks: every rank streams all of it and keeps its slice of
+        # each global micro-batch, so the order does not depend on the number of workers (ray_data.py).
+        t = self.cfg.train
+        windows = self.train_shard.iter_batches(
+            batch_size=window_rows(t.per_device_batch_size, self.world_size, t.gradient_accumulation_steps),
+            batch_format="numpy")
+        yield from rank_micro_batches(windows, per_device=t.per_device_batch_size, world_size=self.world_size,
+                                      rank=self.rank, grad_accum=t.gradient_accumulation_steps,
+                                      seed=t.seed, epoch=epoch)
 
     def eval_batches(self) -> Iterator[dict]:
         # The eval dataset is not split by Ray; ranks take every world_size-th batch.
@@ -126,9 +131,22 @@ class RayRuntime:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        reported_at = time.time()
         ray.train.report(_finite(metrics), checkpoint=checkpoint)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            if self.cfg.train.fail_at_step is not None:
+                self._wait_until_registered(reported_at)
+
+    def _wait_until_registered(self, reported_at: float, timeout: float = 60.0) -> None:
+        """Fault-injection runs only: Ray Train's controller collects reports by polling the workers (every
+        2 s); a worker killed before that loses the report, and the restart resumes from the checkpoint
+        before. Waiting until the controller has rewritten its checkpoint snapshot makes the injected fault
+        land after the checkpoint is registered, so the fault test is deterministic."""
+        snapshot = Path(storage_path(self.cfg)) / run_name(self.cfg) / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + timeout
+        while time.time() < deadline and not (snapshot.exists() and snapshot.stat().st_mtime >= reported_at):
+            time.sleep(0.2)
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -163,7 +181,49 @@ def storage_path(cfg: Config) -> str:
     return str(Path(cfg.scaling.storage_path or Path(cfg.output_dir) / "ray").resolve())
 
 
-def make_trainer(cfg: Config, datasets: dict, extras: dict, *, run_name: str = RUN_NAME, callbacks=None):
+def run_name(cfg: Config) -> str:
+    """Ray Train run name, one per output_dir: Ray Train V2 resumes a run from its latest checkpoint when
+    the same (name, storage_path) is fitted again - that is how re-running a command resumes - and a
+    shared `scaling.storage_path` must not hand one output_dir's checkpoints to another."""
+    out = str(Path(cfg.output_dir).resolve())
+    return f"orpo-{Path(out).name}-{hashlib.sha1(out.encode()).hexdigest()[:8]}"
+
+
+def run_identity(cfg: Config) -> dict:
+    """The config without VOLATILE_KEYS: equal identities = the same training run."""
+    flat = _flatten(cfg.to_dict())
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in VOLATILE_KEYS)}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def previous_run(cfg: Config) -> dict | None:
+    """State of an earlier run in this output_dir/storage, or None. Raises if its config differs."""
+    state_file = Path(storage_path(cfg)) / run_name(cfg) / RUN_STATE_FILE
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    mine = json.loads(json.dumps(run_identity(cfg)))  # same JSON types as the stored one
+    changed = sorted(k for k in mine.keys() | state["config"].keys() if mine.get(k) != state["config"].get(k))
+    if changed:
+        raise ConfigError(
+            f"{cfg.output_dir} holds a run with a different config ({', '.join(changed[:8])}); re-running resumes "
+            "only the same run - use a new output_dir (or delete this one) to train with other settings")
+    return state
+
+
+def _save_run_state(cfg: Config, completed: bool) -> None:
+    state_file = Path(storage_path(cfg)) / run_name(cfg) / RUN_STATE_FILE
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"config": run_identity(cfg), "completed": completed}, indent=1, default=str))
+
+
+def make_trainer(cfg: Config, datasets: dict, extras: dict, *, name: str | None = None, callbacks=None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -177,7 +237,7 @@ def make_trainer(cfg: Config, datasets: dict, extras: dict, *, run_name: str = R
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run_name,
+            name=name or run_name(cfg),
             storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -185,15 +245,29 @@ def make_trainer(cfg: Config, datasets: dict, extras: dict, *, run_name: str = R
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Nothing is split: each rank takes a deterministic slice of every global batch (RayRuntime).
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 
-def run_training(cfg: Config) -> dict:
-    """`orpo-ray train`: tokenize with Ray Data (cached), train with Ray Train, return results.json."""
+def run_training(cfg: Config, callbacks=None) -> dict:
+    """`orpo-ray train`: tokenize with Ray Data (cached), train with Ray Train, return results.json.
+
+    Re-running with the same output_dir resumes from the latest checkpoint (same config required). A run
+    that already finished is not trained again: its results.json is returned as it is.
+    """
     from orpo_ray.ray_data import tokenized_datasets
 
+    cfg = with_absolute_paths(cfg)
+    results_file = Path(cfg.output_dir) / "results.json"
+    state = previous_run(cfg)
+    if state and state["completed"] and results_file.exists():
+        print(f"[orpo-ray] {cfg.output_dir} already holds this finished run; nothing to do "
+              "(use a new output_dir to train again)", flush=True)
+        return json.loads(results_file.read_text())
     ensure_ray(cfg)
     datasets, data_stats = tokenized_datasets(cfg)
-    make_trainer(cfg, datasets, {"data_stats": data_stats}).fit()
-    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    _save_run_state(cfg, completed=False)
+    make_trainer(cfg, datasets, {"data_stats": data_stats}, callbacks=callbacks).fit()
+    _save_run_state(cfg, completed=True)
+    return json.loads(results_file.read_text())

@@ -1,0 +1,122 @@
+"""`orpo-ray train` through Ray Train (in-process driver on the session's local Ray, DeepSpeed ZeRO-2, CPU):
+2 workers follow the 1-worker loss trajectory, reports/checkpoints cadence, restart after a killed worker,
+re-running a command resumes it, a finished run is not trained again."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orpo_ray.config import ConfigError, load_config
+from orpo_ray.launch import run_training
+from tests.integration.ray_train_helpers import DEMO, TINY, ReportRecorder, losses, read_reports
+
+pytestmark = pytest.mark.integration
+
+
+def train(out: Path, cache: Path, *overrides: str, record: Path | None = None) -> dict:
+    cfg = load_config(DEMO, [*TINY, f"output_dir={out}", f"data.cache_dir={cache}", *overrides])
+    return run_training(cfg, callbacks=[ReportRecorder(str(record))] if record else None)
+
+
+@pytest.fixture(scope="module")
+def runs(_ray_local_session, tmp_path_factory):
+    """Two uninterrupted runs with the same global batch of 8 pairs: 2 workers x 4 and 1 worker x 8."""
+    base = tmp_path_factory.mktemp("train_ray")
+    cache = base / "cache"
+    start = time.perf_counter()
+    two = train(base / "two", cache, "scaling.num_workers=2", "train.per_device_batch_size=4",
+                "train.checkpoint_interval=2", record=base / "two_reports.jsonl")
+    print(f"\n2-worker fit: {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    one = train(base / "one", cache, "scaling.num_workers=1", "train.per_device_batch_size=8")
+    print(f"1-worker fit: {time.perf_counter() - start:.1f} s")
+    return {"base": base, "cache": cache, "two": two, "one": one}
+
+
+def history(output_dir) -> dict[int, dict]:
+    return {row["step"]: row for row in json.loads((Path(output_dir) / "history.json").read_text()) if "loss" in row}
+
+
+PER_PAIR = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "log_odds_ratio")
+
+
+def test_two_workers_follow_the_one_worker_trajectory(runs):
+    two, one = history(runs["base"] / "two"), history(runs["base"] / "one")
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5, 6]
+    assert len({round(row["loss"], 4) for row in one.values()}) > 1  # it actually trains
+    # Step 1 (same weights): every per-pair mean agrees, so global batch 1 holds the same 8 pairs.
+    for key in PER_PAIR:
+        assert two[1][key] == pytest.approx(one[1][key], rel=1e-5, abs=1e-6), key
+    # The NLL term is a token mean per micro-batch (mean over ranks of per-rank token means, like DDP),
+    # so 2 x 4 differs from 1 x 8 when chosen lengths differ: observed <= 2e-4 relative over 6 steps.
+    torch.testing.assert_close(torch.tensor([two[s]["loss"] for s in range(1, 7)]),
+                               torch.tensor([one[s]["loss"] for s in range(1, 7)]), rtol=1e-3, atol=1e-6)
+    assert runs["two"]["world_size"] == 2 and runs["one"]["world_size"] == 1
+    assert runs["two"]["global_batch_pairs"] == runs["one"]["global_batch_pairs"] == 8
+    # eval: every rank evaluates every world_size-th batch; the pair-weighted mean is the same.
+    assert runs["two"]["eval"]["eval_loss"] == pytest.approx(runs["one"]["eval"]["eval_loss"], rel=1e-3)
+
+
+def test_reports_checkpoints_and_export(runs):
+    reports = read_reports(runs["base"] / "two_reports.jsonl")
+    assert [r["steps"] for r in reports] == [[s, s] for s in range(1, 7)]  # log_interval=1, both ranks
+    assert all(r["losses"][0] == r["losses"][1] for r in reports)  # all-reduced: rank 0's metrics = everyone's
+    assert [r["steps"][0] for r in reports if r["checkpoint"]] == [2, 4]  # checkpoint_interval=2, final = export
+    latest = Path([r["checkpoint"] for r in reports if r["checkpoint"]][-1])
+    names = {p.name for p in latest.rglob("*")}
+    # Every rank handed over its ZeRO-2 optimizer shard into the one checkpoint directory.
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "mp_rank_00_model_states.pt", "rng_state_rank0.pt", "rng_state_rank1.pt"} <= names
+    assert (runs["base"] / "two" / "model" / "model.safetensors").exists()
+    assert runs["two"]["resumed_from_step"] == 0 and runs["two"]["num_steps"] == 6
+
+
+def test_killed_worker_restarts_and_matches_the_uninterrupted_run(runs):
+    """Rank 0 os._exit()s after step 3 once; Ray restarts the group from the step-2 checkpoint."""
+    out, record = runs["base"] / "fault", runs["base"] / "fault_reports.jsonl"
+    results = train(out, runs["cache"], "scaling.num_workers=2", "train.per_device_batch_size=4",
+                    "train.checkpoint_interval=2", "train.fail_at_step=3", "scaling.max_failures=1", record=record)
+    marker = out / ".fault_injected_step_3"
+    assert marker.exists() and results["resumed_from_step"] == 2
+    resumed, clean = losses(out), losses(runs["base"] / "two")
+    assert sorted(resumed) == [3, 4, 5, 6]  # history.json of the attempt that finished
+    torch.testing.assert_close(torch.tensor([resumed[s] for s in range(3, 7)]),
+                               torch.tensor([clean[s] for s in range(3, 7)]), rtol=1e-6, atol=1e-7)
+    reports = read_reports(record)
+    assert [r["steps"][0] for r in reports] == [1, 2, 3, 4, 5, 6]  # step 3 died before its report
+    first_after = next(r["time"] for r in reports if r["steps"][0] == 3)
+    print(f"\nresume: {first_after - marker.stat().st_mtime:.1f} s from the kill to the first step reported "
+          f"by the restarted worker group")
+
+
+def test_rerun_resumes_and_a_finished_run_is_not_retrained(runs, capsys):
+    """max_failures=0: the run dies at step 3; the same command again resumes from step 2 and logs every
+    3 steps (window means of the uninterrupted run's losses); a third time returns the results as they are."""
+    out, record = runs["base"] / "rerun", runs["base"] / "rerun_reports.jsonl"
+    command = ["scaling.num_workers=1", "train.per_device_batch_size=8", "train.checkpoint_interval=2",
+               "train.log_interval=3", "train.fail_at_step=3", "scaling.max_failures=0"]
+    with pytest.raises(Exception):
+        train(out, runs["cache"], *command, record=record)
+    assert (out / ".fault_injected_step_3").exists() and not (out / "results.json").exists()
+    results = train(out, runs["cache"], *command, record=record)
+    assert results["resumed_from_step"] == 2
+    reports = read_reports(record)
+    # attempt 1: checkpoint at 2, death at 3; attempt 2: log at 3, checkpoint at 4, log at 6 (= final).
+    assert [(r["steps"][0], bool(r["checkpoint"])) for r in reports] == [(2, True), (3, False), (4, True), (6, False)]
+    one, history = losses(runs["base"] / "one"), losses(out)
+    assert sorted(history) == [3, 6]
+    assert history[3] == pytest.approx(one[3], rel=1e-5)  # the resumed window holds step 3 only
+    assert history[6] == pytest.approx((one[4] + one[5] + one[6]) / 3, rel=1e-5)
+
+    start = time.perf_counter()
+    again = train(out, runs["cache"], *command, record=record)
+    assert time.perf_counter() - start < 10 and again == json.loads((out / "results.json").read_text())
+    assert "already holds this finished run" in capsys.readouterr().out
+    assert len(read_reports(record)) == 4  # nothing was trained
+    with pytest.raises(ConfigError, match="orpo.beta"):
+        train(out, runs["cache"], *command, "orpo.beta=0.5")
