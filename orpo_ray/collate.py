@@ -15,17 +15,25 @@ import torch
 
 
 def _rows(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> list[tuple[list, list, list]]:
-    """Accept a list of row dicts, or Ray Data's dict of columns (numpy object arrays of int arrays)."""
+    """Accept a list of row dicts, or Ray Data's dict of columns (numpy object arrays of int arrays, or a 2-D
+    int array when every row of a column happens to have the same length)."""
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
     if isinstance(batch, Mapping):
-        cols = [batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]]
-        return [tuple(list(map(int, c[i])) for c in cols) for i in range(len(cols[0]))]
-    return [(list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"])) for r in batch]
+        return [tuple(list(map(int, batch[k][i])) for k in keys) for i in range(len(batch["prompt_ids"]))]
+    return [tuple(list(map(int, r[k])) for k in keys) for r in batch]
 
 
-def collate_pairs(batch, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+def collate_pairs(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_token_id: int,
+                  pad_to_multiple_of: int | None = None) -> dict:
+    """Padded batch [2B, T]: chosen rows first, then rejected; T = longest sequence (rounded up if asked)."""
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: give the tokenizer a pad token")
     rows = _rows(batch)
     if not rows:
         raise ValueError("cannot collate an empty batch")
+    if any(not chosen or not rejected for _, chosen, rejected in rows):
+        # An empty response would make its mean log-prob 0/0; tokenize_pair never produces one.
+        raise ValueError("every tokenized row needs >= 1 chosen and >= 1 rejected token")
     sequences, response_lengths = [], []
     for responses in (1, 2):  # all chosen rows first, then all rejected rows
         for row in rows:

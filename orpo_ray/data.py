@@ -1,6 +1,7 @@
 """Preference data: rows in three formats -> PreferencePair, or Quarantined with a reason.
 
-Formats (auto-detected from the first valid record of a file):
+Formats (fmt="auto": the first well-formed record fixes the format of its file; a later record of another
+shape is quarantined, and a malformed record before it is quarantined with the reason of its closest format):
   pairs           {"prompt": str, "chosen": str, "rejected": str}
   conversational  chosen/rejected (and optionally prompt) are lists of {"role", "content"} messages;
                   without a prompt, the messages chosen and rejected share at the start are the prompt
@@ -9,7 +10,8 @@ Formats (auto-detected from the first valid record of a file):
 
 A row that cannot be made valid never crashes a run and is never silently dropped: it becomes a
 `Quarantined(source, row, reason, excerpt)` that callers count and write to quarantine.jsonl.
-Rows are numbered from 1 (the line number in JSONL files).
+Rows are numbered from 1 (the line number in JSONL files, blank lines counted but skipped). A whole file
+that cannot be read (missing, unknown extension, a .json that is not a JSON list) raises, naming the file.
 
 Pure module: no ray, no deepspeed.
 """
@@ -20,7 +22,7 @@ import gzip
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Mapping, Union
 
 Messages = list  # list[dict[str, str]]
 Text = Union[str, Messages]
@@ -113,24 +115,40 @@ def _is_messages(value: Any) -> bool:
 
 
 def detect_format(record: dict) -> str:
-    """'pairs' | 'conversational' | 'hh'; ValueError if the record fits none."""
-    if _is_messages(record.get("chosen")) and _is_messages(record.get("rejected")):
+    """'pairs' | 'conversational' | 'hh' for a well-formed record; ValueError if the record fits none."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if _is_messages(chosen) and _is_messages(rejected):
         return "conversational"
-    if "prompt" in record and isinstance(record.get("chosen"), str):
-        return "pairs"
-    if "prompt" not in record and isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str):
-        return "hh"
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if "prompt" not in record:
+            return "hh"
+        if isinstance(record["prompt"], str):
+            return "pairs"
     raise ValueError(f"record with keys {sorted(record)} matches no known format "
                      "(pairs: prompt/chosen/rejected; conversational: message lists; hh: chosen/rejected transcripts)")
+
+
+def _closest_format(record: dict) -> str | None:
+    """The format a malformed record was most likely meant to be, so its quarantine reason can be specific
+    ("field 'chosen' is int, expected str") rather than "matches no known format". Never fixes a file's format."""
+    if any(isinstance(record.get(k), list) for k in ("prompt", "chosen", "rejected")):
+        return "conversational"
+    if "prompt" in record:
+        return "pairs"
+    if "chosen" in record or "rejected" in record:
+        return "hh"
+    return None
 
 
 def _require_fields(record: dict, names: tuple[str, ...], kind: type | tuple) -> str | None:
     for name in names:
         if name not in record:
             return f"missing field '{name}'"
-        if not isinstance(record[name], kind):
+        value = record[name]
+        if not isinstance(value, kind):
             expected = "str" if kind is str else "list of messages"
-            return f"field '{name}' is {type(record[name]).__name__}, expected {expected}"
+            actual = "null" if value is None else type(value).__name__  # Parquet/JSON nulls read as None
+            return f"field '{name}' is {actual}, expected {expected}"
     return None
 
 
@@ -202,14 +220,17 @@ def iter_parsed(path: str | Path, fmt: str = "auto") -> Iterator[PreferencePair 
             continue
         if fmt == "auto":
             try:
-                fmt = detect_format(record)
+                fmt = detect_format(record)  # the first well-formed record fixes the file's format
             except ValueError as e:
-                yield Quarantined(source, row, str(e), _excerpt(record))
+                guess = _closest_format(record)
+                yield parse_record(record, guess, source, row) if guess else Quarantined(
+                    source, row, str(e), _excerpt(record))
                 continue
         yield parse_record(record, fmt, source, row)
 
 
 def read_pairs(path: str | Path, fmt: str = "auto") -> tuple[list[PreferencePair], list[Quarantined]]:
+    """All rows of one file, split into valid pairs and quarantined rows (both in file order)."""
     pairs, quarantined = [], []
     for item in iter_parsed(path, fmt):
         (quarantined if isinstance(item, Quarantined) else pairs).append(item)
@@ -217,6 +238,7 @@ def read_pairs(path: str | Path, fmt: str = "auto") -> tuple[list[PreferencePair
 
 
 def write_quarantine(path: str | Path, items: list[Quarantined]) -> Path:
+    """One JSON object per line: {source, row, reason, excerpt}."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -233,10 +255,8 @@ def pair_to_row(pair: PreferencePair) -> dict:
             "conversational": not isinstance(pair.chosen, str), "source": pair.source, "row": pair.row}
 
 
-def row_to_pair(row: dict) -> PreferencePair:
-    if row.get("conversational"):
-        dec = json.loads
-    else:
-        dec = lambda v: v  # noqa: E731
-    return PreferencePair(dec(row["prompt"]), dec(row["chosen"]), dec(row["rejected"]), str(row["source"]),
-                          int(row["row"]))
+def row_to_pair(row: Mapping[str, Any]) -> PreferencePair:
+    """Inverse of `pair_to_row`; tolerates Ray's numpy scalars (np.str_, np.bool_, np.int64)."""
+    dec = json.loads if bool(row.get("conversational", False)) else str
+    return PreferencePair(dec(row["prompt"]), dec(row["chosen"]), dec(row["rejected"]), str(row.get("source", "")),
+                          int(row.get("row", 0)))

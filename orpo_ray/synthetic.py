@@ -4,6 +4,10 @@
 one a near miss (one adjacent pair swapped, or one letter replaced). Rejected shares most of its tokens
 with chosen - so SFT on chosen raises rejected too, the effect ORPO's odds-ratio term is there to undo
 (the paper's Fig. 3) - yet a tiny model can learn the rule that separates them (letters ascend).
+"pick" (below) is the evidence task for SFT vs ORPO. Tasks are looked up by name in `TASKS`.
+
+Held-out pairs share no *problem* with training pairs (for "sort": no letter set), so eval accuracy
+measures the rule, not recall of training answers.
 
 Pure module: stdlib only.
 """
@@ -13,9 +17,11 @@ from __future__ import annotations
 import json
 import random
 import string
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
+GENERATOR_VERSION = 2  # bump when the generated pairs change (v2: train/eval disjoint by problem)
 LETTERS = string.ascii_lowercase[:12]  # a small alphabet keeps the task learnable by a 0.4M-parameter model
 
 
@@ -49,37 +55,59 @@ def _pick_example(rng: random.Random) -> tuple[str, str, str]:
     return f"Pick one: {' '.join(letters)}\nAnswer:", " " + ranked[win], " " + ranked[lose]
 
 
-TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {"sort": _sort_example, "pick": _pick_example}
+@dataclass(frozen=True)
+class Task:
+    """A generator of (prompt, chosen, rejected) and the problem a pair poses.
+
+    Train and eval share no problem, not merely no prompt: "Sort: dcba" and "Sort: abcd" are two prompts but
+    one problem (answer " abcd"), and an eval set that repeats training answers would measure recall.
+    """
+
+    make: Callable[[random.Random], tuple[str, str, str]]
+    problem: Callable[[dict], str] = lambda pair: pair["prompt"]
 
 
-def generate_pairs(task: str, n: int, seed: int, exclude_prompts: set[str] = frozenset()) -> list[dict]:
-    """`n` distinct-prompt pairs of `task`, identical for the same (task, n, seed)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown synthetic task {task!r} (known: {sorted(TASKS)})")
-    rng = random.Random(f"{task}:{seed}")
-    seen, pairs = set(exclude_prompts), []
-    attempts = 0
+TASKS: dict[str, Task] = {
+    "sort": Task(_sort_example, problem=lambda pair: pair["chosen"]),  # the sorted letters = the letter set
+    "pick": Task(_pick_example),
+}
+DEFAULT_TASK = "sort"
+
+
+def _task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown synthetic task {name!r} (known: {sorted(TASKS)})")
+    return TASKS[name]
+
+
+def generate_pairs(task: str, n: int, seed: int, exclude_problems: Collection[str] = frozenset()) -> list[dict]:
+    """`n` distinct-prompt pairs of `task`, none posing a problem in `exclude_problems`; identical for the
+    same arguments (a string-seeded `random.Random` is stable across processes and platforms)."""
+    spec, rng = _task(task), random.Random(f"{task}:{seed}")
+    seen, pairs, attempts = set(), [], 0
     while len(pairs) < n:
         attempts += 1
-        if attempts > 50 * n + 1000:
+        if attempts > 50 * n + 1000:  # a task space too small for n must fail loudly, not loop forever
             raise ValueError(f"task {task!r} cannot produce {n} distinct prompts")
-        prompt, chosen, rejected = TASKS[task](rng)
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        prompt, chosen, rejected = spec.make(rng)
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if prompt not in seen and spec.problem(pair) not in exclude_problems:
+            seen.add(prompt)
+            pairs.append(pair)
     return pairs
 
 
 def write_synthetic_split(out_dir: str | Path, task: str, num_train: int, num_eval: int, seed: int) -> tuple[Path, Path]:
-    """train.jsonl and eval.jsonl with disjoint prompts; rewritten only when missing (same inputs, same files)."""
-    out = Path(out_dir) / f"{task}-seed{seed}-{num_train}-{num_eval}"
+    """train.jsonl and eval.jsonl sharing no problem; written once (same arguments, same files), atomically."""
+    problem = _task(task).problem
+    # The generator version in the name keeps files written by an older generator from being reused.
+    out = Path(out_dir) / f"{task}-v{GENERATOR_VERSION}-seed{seed}-{num_train}-{num_eval}"
     train_path, eval_path = out / "train.jsonl", out / "eval.jsonl"
     if train_path.exists() and eval_path.exists():
         return train_path, eval_path
     out.mkdir(parents=True, exist_ok=True)
     evals = generate_pairs(task, num_eval, seed + 1_000_003)
-    train = generate_pairs(task, num_train, seed, exclude_prompts={p["prompt"] for p in evals})
+    train = generate_pairs(task, num_train, seed, exclude_problems={problem(p) for p in evals})
     for path, rows in ((train_path, train), (eval_path, evals)):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -6,18 +6,22 @@ Truncation policy (the only one in the project; Ray Data and the in-process path
      max_prompt_length, keep the END of the prompt (the most recent turns carry the question being
      answered): left-truncate it to max_prompt_length tokens, BOS staying first.
   3. Right-truncate each response to max_length - len(prompt) tokens.
-Because the config enforces max_prompt_length < max_length, step 3 always leaves at least one response
-token, so the length-normalised log-probability is never 0/0 - the case where TRL's ORPOTrainer yields NaN
-when a prompt fills max_length.
+Because max_prompt_length < max_length (the config enforces it, `tokenize_pair` re-checks), step 3 always
+leaves at least one response token, so the length-normalised log-probability is never 0/0 - the case where
+TRL's ORPOTrainer yields NaN when a prompt fills max_length.
+`prompt_tokens_cut` / `response_tokens_cut` count what steps 2 and 3 removed (responses: chosen + rejected).
+
+Prompt and responses are encoded separately (no merge across the boundary), so the response tokens are
+exactly the tokens the model is scored on. A chat template that itself emits the BOS text gets no second BOS.
 
 Pure module: tokenizer objects only; no ray, no deepspeed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-from orpo_ray.data import PreferencePair
+from orpo_ray.data import PreferencePair, row_to_pair
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_tokens_cut", "response_tokens_cut")
 
@@ -45,8 +49,12 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, max_l
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id: every response must end with EOS")
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    prompt_ids = ([bos] if bos is not None else []) + encode(prompt)
+    prompt_ids = encode(prompt)
+    if bos is not None and prompt_ids[:1] != [bos]:  # a chat template may already have rendered BOS
+        prompt_ids = [bos] + prompt_ids
     chosen_ids, rejected_ids = encode(chosen) + [eos], encode(rejected) + [eos]
 
     prompt_cut = 0
@@ -65,3 +73,21 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, max_l
         "prompt_tokens_cut": prompt_cut,
         "response_tokens_cut": response_cut,
     }
+
+
+def tokenize_batch(batch: Mapping[str, Sequence], tokenizer: Any, max_length: int, max_prompt_length: int,
+                   keep: Sequence[str] = ()) -> dict[str, list]:
+    """Ray Data `map_batches` body: columns of `data.pair_to_row` -> columns of the tokenized row.
+
+    Columns named in `keep` (e.g. "source", "row") are passed through unchanged, so callers can carry
+    bookkeeping next to the token ids.
+    """
+    out: dict[str, list] = {k: [] for k in (*TOKEN_COLUMNS, *keep)}
+    for i in range(len(batch["prompt"])):
+        pair = row_to_pair({k: batch[k][i] for k in batch})
+        tokens = tokenize_pair(*render_pair(pair, tokenizer), tokenizer, max_length, max_prompt_length)
+        for k in TOKEN_COLUMNS:
+            out[k].append(tokens[k])
+        for k in keep:
+            out[k].append(batch[k][i])
+    return out
