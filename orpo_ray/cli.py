@@ -61,32 +61,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2
 
-    if args.command == "train":
-        if args.local:
-            from orpo_ray.train_loop import train_loop_per_worker
+    try:
+        if args.command == "train":
+            if args.local:
+                from orpo_ray.train_loop import train_loop_per_worker
 
-            results = train_loop_per_worker(cfg.to_dict())
-        else:
-            from orpo_ray.launch import run_training
+                results = train_loop_per_worker(cfg.to_dict())
+            else:
+                from orpo_ray.launch import run_training
 
-            results = run_training(cfg)
-        _print_summary(results)
-    elif args.command == "tune":
-        from orpo_ray.tune import run_sweep
+                results = run_training(cfg)
+            _print_summary(results)
+        elif args.command == "tune":
+            from orpo_ray.tune import run_sweep
 
-        run_sweep(cfg)
-    elif args.command == "eval":
-        from orpo_ray.evaluate import run_eval
+            run_sweep(cfg)
+        elif args.command == "eval":
+            from orpo_ray.evaluate import run_eval
 
-        _print_summary(run_eval(cfg))
-    elif args.command == "bench":
-        from orpo_ray.bench import run_bench
+            _print_summary(run_eval(cfg))
+        elif args.command == "bench":
+            from orpo_ray.bench import run_bench
 
-        run_bench(cfg)
-    elif args.command == "data-report":
-        from orpo_ray.data_report import run_data_report
+            run_bench(cfg)
+        elif args.command == "data-report":
+            from orpo_ray.data_report import run_data_report
 
-        run_data_report(cfg)
+            run_data_report(cfg)
+    except ConfigError as e:  # e.g. re-running an output_dir with a different config
+        print(f"orpo-ray: config error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
