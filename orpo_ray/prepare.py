@@ -80,8 +80,8 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, max_
     return rows
 
 
-def prepare_data(cfg: Config, tokenizer) -> PreparedData:
-    """Read, parse, split, tokenize; quarantined rows are kept (with reasons) and written beside the run."""
+def read_split_pairs(cfg: Config) -> tuple[list, list, list[Quarantined], DataSources]:
+    """Parsed (not yet tokenized) train and eval pairs, the quarantined rows, and where they came from."""
     d = cfg.data
     sources = resolve_sources(cfg)
     train_pairs, quarantined = read_pairs(sources.train_path, d.format)
@@ -99,7 +99,23 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
             f"{sources.train_path}: no valid preference pairs ({len(quarantined)} rows quarantined; "
             f"first reason: {quarantined[0].reason if quarantined else 'file is empty'})"
         )
-    tok = lambda pairs: tokenize_pairs(pairs, tokenizer, d.max_length, d.max_prompt_length)  # noqa: E731
+    return train_pairs, eval_pairs, quarantined, sources
+
+
+def identical_responses(row: dict) -> bool:
+    """Chosen and rejected tokenize to the same ids: the pair carries no ORPO signal (odds ratio is 1)."""
+    return list(row["chosen_ids"]) == list(row["rejected_ids"])
+
+
+def prepare_data(cfg: Config, tokenizer) -> PreparedData:
+    """Read, parse, split, tokenize; quarantined rows are kept (with reasons) and written beside the run."""
+    d = cfg.data
+    train_pairs, eval_pairs, quarantined, sources = read_split_pairs(cfg)
+
+    def tok(pairs):
+        rows = tokenize_pairs(pairs, tokenizer, d.max_length, d.max_prompt_length)
+        return [r for r in rows if not identical_responses(r)] if d.drop_identical_pairs else rows
+
     return PreparedData(tok(train_pairs), tok(eval_pairs), quarantined, sources)
 
 
@@ -117,6 +133,7 @@ def fingerprint(cfg: Config, tokenizer) -> str:
         "max_prompt_length": d.max_prompt_length, "eval_fraction": d.eval_fraction,
         "synthetic": vars(d.synthetic) if d.train_path is None else None,
         "max_train_pairs": d.max_train_pairs, "max_eval_pairs": d.max_eval_pairs,
+        "drop_identical_pairs": d.drop_identical_pairs,
         "vocab": len(tokenizer), "tokenizer": type(tokenizer).__name__,
     }
     for key in ("train", "eval"):

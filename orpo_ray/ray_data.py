@@ -31,7 +31,7 @@ import numpy as np
 from orpo_ray.config import Config
 from orpo_ray.data import Quarantined, pair_to_row, read_pairs, row_to_pair, write_quarantine
 from orpo_ray.modeling import load_tokenizer
-from orpo_ray.prepare import fingerprint, resolve_sources, split_for_eval
+from orpo_ray.prepare import fingerprint, identical_responses, resolve_sources, split_for_eval
 from orpo_ray.tokenize import TOKEN_COLUMNS, render_pair, tokenize_pair
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
@@ -116,8 +116,10 @@ def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
                    for r in parsed.filter(lambda r: r["kind"] == "quarantine").take_all()]
     tokenized = (parsed.filter(lambda r: r["kind"] == "pair")
                  .map_batches(tokenize_rows, batch_format="numpy", fn_kwargs={
-                     "tokenizer": tokenizer, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length})
-                 .materialize())
+                     "tokenizer": tokenizer, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}))
+    if d.drop_identical_pairs:
+        tokenized = tokenized.filter(lambda r: not identical_responses(r))
+    tokenized = tokenized.materialize()
 
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
