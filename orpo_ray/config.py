@@ -174,6 +174,7 @@ class BenchSection:
     vocab_size: int = _f(8192, "BPE vocabulary trained on the HH text for the benchmark model.")
     num_pairs: Optional[int] = _f(None, "Training pairs to use; null means max_steps x per_device_batch_size.")
     matmul_size: int = _f(1024, "Side of the square matmul that measures the machine's fp32/bf16 peak.")
+    repeats: int = _f(1, "Runs per leg; the fastest is reported (all are kept), against load from other users.")
     legs: list = _f([], "Contenders: {name, kind: trl|orpo, precision, overrides: [key=value ...]} mappings.")
 
 
