@@ -14,8 +14,6 @@ import pytest
 from orpo_ray.data import (PreferencePair, Quarantined, detect_format, iter_records, pair_to_row, parse_record,
                            read_pairs, row_to_pair, write_quarantine)
 
-HH_DATA = Path(__file__).resolve().parents[2].parent / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
-
 PAIR = {"prompt": "Q?", "chosen": " yes", "rejected": " no"}
 USER, USER2 = {"role": "user", "content": "hi"}, {"role": "user", "content": "and?"}
 HELLO = {"role": "assistant", "content": "hello"}
@@ -120,12 +118,24 @@ def test_a_row_of_another_shape_after_the_format_is_fixed_is_quarantined(tmp_pat
 def test_hh_rows_with_different_prompts_or_no_assistant_turn(tmp_path):
     differ = {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}
     no_turn = {"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: a\n\nAssistant: y"}
+    no_turn_rejected = {"chosen": "\n\nHuman: a\n\nAssistant: y", "rejected": "\n\nHuman: a"}
     empty = {"chosen": "\n\nHuman: a\n\nAssistant: ", "rejected": "\n\nHuman: a\n\nAssistant: y"}
-    _, quarantined = read_pairs(jsonl(tmp_path / "hh.jsonl", [HH, differ, no_turn, empty]))
-    assert [(q.row, q.reason) for q in quarantined] == [
-        (2, "chosen and rejected do not share a prompt"),
-        (3, "chosen has no '\\n\\nAssistant:' turn"),
-        (4, "empty chosen response")]
+    path = jsonl(tmp_path / "hh.jsonl", [HH, differ, no_turn, no_turn_rejected, empty])
+    _, quarantined = read_pairs(path)
+    assert [(q.source, q.row, q.reason) for q in quarantined] == [
+        (str(path), 2, "chosen and rejected do not share a prompt"),
+        (str(path), 3, "chosen has no '\\n\\nAssistant:' turn"),
+        (str(path), 4, "rejected has no '\\n\\nAssistant:' turn"),
+        (str(path), 5, "empty chosen response")]
+
+
+def test_a_record_matching_no_format_is_quarantined_and_the_next_one_fixes_the_format(tmp_path):
+    path = jsonl(tmp_path / "d.jsonl", [{"text": "x"}, PAIR, {"text": "y"}])
+    pairs, quarantined = read_pairs(path)
+    assert [p.row for p in pairs] == [2]
+    assert [(q.source, q.row) for q in quarantined] == [(str(path), 1), (str(path), 3)]
+    assert "matches no known format" in quarantined[0].reason
+    assert quarantined[1].reason == "missing field 'prompt'"  # the file is 'pairs' from row 2 on
 
 
 @pytest.mark.parametrize("record, reason", [
@@ -200,20 +210,3 @@ def test_pairs_of_every_format_share_one_arrow_schema_and_round_trip():
     # Ray's numpy batches hand back numpy scalars
     numpy_row = {k: np.array([v])[0] for k, v in pair_to_row(pairs[1]).items()}
     assert row_to_pair(numpy_row) == pairs[1]
-
-
-# -------------------------------------------------------------------------------------------- real data
-def test_real_hh_harmless_base_test_split():
-    if not HH_DATA.exists():
-        pytest.skip(f"{HH_DATA} not present")
-    assert detect_format(json.loads(gzip.open(HH_DATA).readline())) == "hh"
-    pairs, quarantined = read_pairs(HH_DATA)
-    assert len(pairs) + len(quarantined) == 2312
-    assert sorted([p.row for p in pairs] + [q.row for q in quarantined]) == list(range(1, 2313))
-    # Observed: 5 transcripts whose turns diverge before the last "Assistant:" (multi-turn responses) and
-    # 4 whose chosen reply is empty - neither can be a pair with one shared prompt and two real responses.
-    reasons = [q.reason for q in quarantined]
-    assert (len(pairs), reasons.count("chosen and rejected do not share a prompt"),
-            reasons.count("empty chosen response")) == (2303, 5, 4)
-    assert all(q.source == str(HH_DATA) and q.excerpt for q in quarantined)
-    assert all(p.prompt.endswith("\n\nAssistant:") and p.chosen.strip() and p.rejected.strip() for p in pairs)

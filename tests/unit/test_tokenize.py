@@ -122,3 +122,18 @@ def test_tokenize_batch_on_ray_style_numpy_columns(tok):
     expected = tokenize_pair(*render_pair(pairs[1], tok), tok, 32, 16)
     assert {k: out[k][1] for k in TOKEN_COLUMNS} == expected
     assert list(out["source"]) == ["f", "g"] and list(out["row"]) == [1, 2]
+
+
+def test_conversational_pairs_with_the_projects_tokenizer():
+    """build_byte_tokenizer's template renders HH-style turns; BOS once at the start, EOS ends each response."""
+    from orpo_ray.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    pair = PreferencePair([USER], [GOOD], [BAD], "f", 1)
+    prompt, chosen, rejected = render_pair(pair, tok)
+    assert (prompt, chosen, rejected) == ("\n\nHuman: hi\n\nAssistant:", " good", " bad")
+    row = tokenize_pair(prompt, chosen, rejected, tok, max_length=64, max_prompt_length=32)
+    assert row["prompt_ids"][0] == tok.bos_token_id and row["prompt_ids"].count(tok.bos_token_id) == 1
+    assert tok.decode(row["prompt_ids"][1:]) == prompt
+    assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == tok.eos_token_id
+    assert tok.decode(row["chosen_ids"][:-1]) == " good" and tok.decode(row["rejected_ids"][:-1]) == " bad"

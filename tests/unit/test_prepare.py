@@ -1,0 +1,105 @@
+"""orpo_ray.prepare: sources, the deterministic eval split, quarantine counting, stats, the cache key."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from orpo_ray.config import load_config
+from orpo_ray.data import PreferencePair
+from orpo_ray.prepare import (fingerprint, prepare_data, read_split_pairs, resolve_sources, save_quarantine,
+                              split_for_eval)
+from orpo_ray.tokenizer import build_byte_tokenizer
+
+TOK = build_byte_tokenizer()
+PAIR = {"prompt": "Q?", "chosen": " yes", "rejected": " no"}
+
+
+def jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def cfg_for(tmp_path: Path, *overrides: str):
+    return load_config(None, [f"output_dir={tmp_path / 'out'}", *overrides])
+
+
+# ------------------------------------------------------------------------------------------ eval split
+def test_split_for_eval_is_deterministic_disjoint_and_order_independent():
+    pairs = [PreferencePair("p", "c", "r", "a.jsonl", row) for row in range(1, 401)]
+    train, evals = split_for_eval(pairs, 0.25)
+    assert split_for_eval(pairs, 0.25) == (train, evals)
+    assert {p.row for p in train}.isdisjoint({p.row for p in evals}) and len(train) + len(evals) == 400
+    assert 60 <= len(evals) <= 140  # ~100 expected from a uniform hash
+    shuffled = pairs[:]
+    random.Random(0).shuffle(shuffled)
+    s_train, s_evals = split_for_eval(shuffled, 0.25)
+    assert {p.row for p in s_evals} == {p.row for p in evals}  # by row identity, not by position
+    assert split_for_eval(pairs, 0.0) == (pairs, [])
+
+
+def test_eval_split_of_a_train_file_is_stable_across_reads(tmp_path):
+    path = jsonl(tmp_path / "d.jsonl", [{**PAIR, "prompt": f"Q{i}"} for i in range(200)])
+    cfg = cfg_for(tmp_path, f"data.train_path={path}", "data.eval_fraction=0.2")
+    train, evals, quarantined, sources = read_split_pairs(cfg)
+    assert sources.eval_path is None and quarantined == []
+    assert 0 < len(evals) < 80 and len(train) + len(evals) == 200
+    again = read_split_pairs(cfg)
+    assert [p.row for p in again[1]] == [p.row for p in evals]
+
+
+# --------------------------------------------------------------------------------- quarantine and stats
+def test_quarantined_rows_of_train_and_eval_files_are_counted_and_written(tmp_path):
+    train = jsonl(tmp_path / "t.jsonl", [PAIR, "{broken", PAIR, {"prompt": "p", "chosen": "", "rejected": "r"}])
+    evalp = jsonl(tmp_path / "e.jsonl", [PAIR, [1, 2]])
+    cfg = cfg_for(tmp_path, f"data.train_path={train}", f"data.eval_path={evalp}")
+    prepared = prepare_data(cfg, TOK)
+    assert [(Path(q.source).name, q.row) for q in prepared.quarantined] == [("t.jsonl", 2), ("t.jsonl", 4),
+                                                                            ("e.jsonl", 2)]
+    assert prepared.stats == {"train_pairs": 2, "eval_pairs": 1, "quarantined": 3, "truncated_pairs": 0}
+    lines = save_quarantine(prepared, tmp_path / "out").read_text().splitlines()
+    assert [json.loads(line)["row"] for line in lines] == [2, 4, 2]
+
+
+def test_truncated_pairs_and_pair_limits(tmp_path):
+    rows = [PAIR, {"prompt": "x" * 50, "chosen": " y", "rejected": " z"}, PAIR]
+    path = jsonl(tmp_path / "d.jsonl", rows)
+    cfg = cfg_for(tmp_path, f"data.train_path={path}", f"data.eval_path={path}", "data.max_length=16",
+                  "data.max_prompt_length=8", "data.max_eval_pairs=1")
+    stats = prepare_data(cfg, TOK).stats
+    assert (stats["train_pairs"], stats["eval_pairs"], stats["truncated_pairs"]) == (3, 1, 1)
+    cfg = cfg_for(tmp_path, f"data.train_path={path}", f"data.eval_path={path}", "data.max_train_pairs=2")
+    assert [p.row for p in read_split_pairs(cfg)[0]] == [1, 2]
+
+
+def test_a_file_without_valid_pairs_fails_naming_the_file_and_the_first_reason(tmp_path):
+    path = jsonl(tmp_path / "bad.jsonl", ["{broken", {"prompt": "p", "chosen": "c"}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl: no valid preference pairs \(2 rows quarantined; "
+                                         r"first reason: invalid JSON"):
+        read_split_pairs(cfg_for(tmp_path, f"data.train_path={path}"))
+
+
+# ----------------------------------------------------------------------------------- sources and cache
+def test_sources_synthetic_default_and_absolute_paths(tmp_path, monkeypatch):
+    src = resolve_sources(cfg_for(tmp_path, "data.synthetic.num_train=20", "data.synthetic.num_eval=5"))
+    assert src.synthetic and Path(src.train_path).is_file() and Path(src.eval_path).is_file()
+    assert Path(src.train_path).is_relative_to((tmp_path / "out" / "data").resolve())
+    monkeypatch.chdir(tmp_path)
+    src = resolve_sources(cfg_for(tmp_path, "data.train_path=rel/d.jsonl"))
+    assert src.train_path == str(tmp_path.resolve() / "rel/d.jsonl") and src.eval_path is None
+
+
+def test_fingerprint_changes_with_settings_and_file_contents(tmp_path):
+    path = tmp_path / "d.jsonl"
+    jsonl(path, [PAIR])
+    base = cfg_for(tmp_path, f"data.train_path={path}")
+    key = fingerprint(base, TOK)
+    assert fingerprint(cfg_for(tmp_path, f"data.train_path={path}"), TOK) == key
+    assert fingerprint(cfg_for(tmp_path, f"data.train_path={path}", "data.max_length=256",
+                               "data.max_prompt_length=128"), TOK) != key
+    assert fingerprint(cfg_for(tmp_path, f"data.train_path={path}", "data.drop_identical_pairs=true"), TOK) != key
+    jsonl(path, [PAIR, PAIR])  # the file grew
+    assert fingerprint(base, TOK) != key
