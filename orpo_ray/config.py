@@ -273,6 +273,9 @@ class Config:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"{where}: train.max_steps must be >= 1 or null, got {t.max_steps}")
+        if self.model.lora.enabled:
+            raise ConfigError(f"{where}: model.lora.enabled is not implemented yet (LoRA/PEFT is open work); "
+                              "refusing rather than silently training all weights")
         if self.orpo.beta < 0:
             raise ConfigError(f"{where}: orpo.beta must be >= 0, got {self.orpo.beta}")
         e = self.efficiency

@@ -104,3 +104,8 @@ def test_with_absolute_paths_resolves_local_paths_only(tmp_path, monkeypatch):
     assert cfg.data.train_path == str(tmp_path / "d" / "train.jsonl")
     assert cfg.data.eval_path == "hf://owner/name" and cfg.model.name_or_path == "tiny"
     assert cfg.data.cache_dir is None
+
+
+def test_lora_is_refused_until_it_exists():
+    with pytest.raises(ConfigError, match="model.lora.enabled is not implemented"):
+        load_config(None, ["model.lora.enabled=true"])
