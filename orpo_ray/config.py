@@ -92,9 +92,14 @@ class SyntheticDataConfig:
 @dataclass
 class DataConfig:
     train_path: Optional[str] = _f(
-        None, "JSONL / JSONL.gz / Parquet of preference pairs; null means the synthetic task below."
+        None,
+        "JSONL / JSONL.gz / JSON / Parquet of preference pairs, a `datasets` save_to_disk directory (Dataset, or "
+        "DatasetDict + train_split), or hf://owner/name (Hub, online only); null means the synthetic task below.",
     )
-    eval_path: Optional[str] = _f(None, "Held-out pairs; null with a train_path means eval_fraction of it.")
+    eval_path: Optional[str] = _f(
+        None, "Held-out pairs (same kinds as train_path); null: train_path's eval_split if it is a DatasetDict "
+        "that has one, else eval_fraction of train_path."
+    )
     format: Literal["auto", "pairs", "conversational", "hh"] = _f(
         "auto", "Row format: {prompt,chosen,rejected} strings, chat messages, or Anthropic HH transcripts."
     )
@@ -102,11 +107,11 @@ class DataConfig:
     max_prompt_length: int = _f(
         256, "Prompt budget when a pair is too long: the END of the prompt is kept (must be < max_length)."
     )
-    eval_fraction: float = _f(0.05, "Share of train_path split off for eval when eval_path is null.")
+    eval_fraction: float = _f(0.05, "Share of train_path split off for eval when there is no eval data.")
     max_train_pairs: Optional[int] = _f(None, "Use only the first N training pairs (null: all).")
     max_eval_pairs: Optional[int] = _f(None, "Use only the first N eval pairs (null: all).")
     train_split: str = _f("train", "Split name for a DatasetDict directory.")
-    eval_split: str = _f("test", "Eval split name for a DatasetDict directory.")
+    eval_split: str = _f("test", "Eval split name for a DatasetDict directory (used when it exists).")
     drop_identical_pairs: bool = _f(False, "Drop pairs whose chosen and rejected tokenize identically.")
     cache_dir: Optional[str] = _f(None, "Where tokenized Parquet is cached; null means output_dir/cache.")
     synthetic: SyntheticDataConfig = field(

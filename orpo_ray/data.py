@@ -10,8 +10,9 @@ shape is quarantined, and a malformed record before it is quarantined with the r
 
 A row that cannot be made valid never crashes a run and is never silently dropped: it becomes a
 `Quarantined(source, row, reason, excerpt)` that callers count and write to quarantine.jsonl.
-Rows are numbered from 1 (the line number in JSONL files, blank lines counted but skipped). A whole file
-that cannot be read (missing, unknown extension, a .json that is not a JSON list) raises, naming the file.
+Rows are numbered from 1 (the line number in JSONL files, blank lines counted but skipped; the row position in
+Parquet files and `datasets` save_to_disk directories, see hf_data.py). A whole file that cannot be read (missing,
+unknown extension, a .json that is not a JSON list) raises, naming the file.
 
 Pure module: no ray, no deepspeed.
 """
@@ -62,7 +63,11 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict | Quarantined]]:
     if not path.exists():
         raise FileNotFoundError(f"preference data file not found: {source}")
     name = path.name.lower()
-    if name.endswith(".parquet"):
+    if path.is_dir():  # a `datasets` save_to_disk directory, read shard by shard from its Arrow files
+        from orpo_ray.hf_data import iter_saved_dataset
+
+        yield from iter_saved_dataset(path)
+    elif name.endswith(".parquet"):
         yield from _iter_parquet(path)
     elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
         opener = gzip.open if name.endswith(".gz") else open
@@ -81,7 +86,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict | Quarantined]]:
             yield row, record if isinstance(record, dict) else Quarantined(
                 source, row, f"row is {type(record).__name__}, expected a JSON object", _excerpt(record))
     else:
-        raise ValueError(f"{source}: unsupported file type (expected .jsonl, .jsonl.gz, .json or .parquet)")
+        raise ValueError(f"{source}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .parquet or a "
+                         "directory written by datasets' save_to_disk)")
 
 
 def _decode_json_line(raw: bytes, source: str, row: int) -> dict | Quarantined:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -60,6 +61,15 @@ def padding_waste(rows: list[dict], pairs_per_batch: int) -> float:
     return 1 - real / padded if padded else 0.0
 
 
+def nearly_identical(row: dict, threshold: float = NEAR_IDENTICAL_RATIO) -> bool:
+    """Chosen and rejected ids differ but are at least `threshold` similar (difflib ratio): almost no signal."""
+    if identical_responses(row):
+        return False
+    matcher = difflib.SequenceMatcher(None, list(row["chosen_ids"]), list(row["rejected_ids"]), autojunk=False)
+    # quick_ratio is an upper bound of ratio and costs O(n): most pairs are settled without the O(n*m) match.
+    return matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold
+
+
 def rows_by_format(files: list[str], configured: str, pairs: list, quarantined: list) -> dict:
     """{format: {"pairs": n, "quarantined": m}} over the input files."""
     counts: dict[str, Counter] = {}
@@ -75,19 +85,21 @@ def build_report(cfg: Config, tokenizer) -> dict:
     d = cfg.data
     train_pairs, eval_pairs, quarantined, sources = read_split_pairs(cfg)
     pairs = train_pairs + eval_pairs
-    rows = tokenize_pairs(pairs, tokenizer, d.max_length, d.max_prompt_length)
-    # Untruncated lengths, to show what max_length would cut.
+    train_rows = tokenize_pairs(train_pairs, tokenizer, d.max_length, d.max_prompt_length)
+    rows = train_rows + tokenize_pairs(eval_pairs, tokenizer, d.max_length, d.max_prompt_length)
+    # Untruncated lengths (no BOS/EOS), to show what max_length would cut.
     raw = [render_pair(p, tokenizer) for p in pairs]
-    encode = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    raw_lengths = {k: [encode(r[i]) for r in raw] for i, k in enumerate(("prompt", "chosen", "rejected"))}
+    raw_lengths = {k: [len(ids) for ids in tokenizer([r[i] for r in raw], add_special_tokens=False)["input_ids"]]
+                   if raw else [] for i, k in enumerate(("prompt", "chosen", "rejected"))}
 
     by_reason: dict[str, list] = {}
     for q in quarantined:
         by_reason.setdefault(q.reason, []).append({"source": q.source, "row": q.row, "excerpt": q.excerpt})
     identical = sum(identical_responses(r) for r in rows)
-    near = sum(1 for r in rows if not identical_responses(r) and difflib.SequenceMatcher(
-        None, list(r["chosen_ids"]), list(r["rejected_ids"]), autojunk=False).ratio() >= NEAR_IDENTICAL_RATIO)
-    prompts = Counter(p.prompt if isinstance(p.prompt, str) else json.dumps(p.prompt) for p in pairs)
+    near = sum(map(nearly_identical, rows))
+    key = lambda p: p.prompt if isinstance(p.prompt, str) else json.dumps(p.prompt)  # noqa: E731
+    train_prompts, eval_prompts = Counter(map(key, train_pairs)), Counter(map(key, eval_pairs))
+    repeats = lambda counts: sum(c - 1 for c in counts.values())  # noqa: E731
     cut = [r for r in rows if r["prompt_tokens_cut"] or r["response_tokens_cut"]]
     files = [sources.train_path] + ([sources.eval_path] if sources.eval_path else [])
     return {
@@ -101,14 +113,25 @@ def build_report(cfg: Config, tokenizer) -> dict:
         "truncation": {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                        "pairs_cut": len(cut), "share_cut": round(len(cut) / len(rows), 4) if rows else 0.0,
                        "prompt_tokens_cut": sum(r["prompt_tokens_cut"] for r in rows),
-                       "response_tokens_cut": sum(r["response_tokens_cut"] for r in rows)},
+                       "response_tokens_cut": sum(r["response_tokens_cut"] for r in rows),
+                       # per cut pair: prompt + chosen + rejected tokens removed
+                       "tokens_cut_per_cut_pair": percentiles(
+                           [r["prompt_tokens_cut"] + r["response_tokens_cut"] for r in cut])},
         "no_signal_pairs": {"identical": identical, "nearly_identical": near,
                             "near_ratio_threshold": NEAR_IDENTICAL_RATIO,
                             "dropped_in_training": d.drop_identical_pairs},
-        "duplicate_prompts": sum(c - 1 for c in prompts.values() if c > 1),
-        "padding_waste": {"pairs_per_batch": cfg.train.per_device_batch_size,
-                          "share_of_tokens": round(padding_waste(rows, cfg.train.per_device_batch_size), 4)},
-        "tokenizer": {"type": type(tokenizer).__name__, "vocab": len(tokenizer)},
+        # Repeated prompts (pairs beyond the first with that prompt), and eval prompts also seen in training.
+        "duplicate_prompts": {"train": repeats(train_prompts), "eval": repeats(eval_prompts),
+                              "eval_pairs_with_a_train_prompt": sum(c for k, c in eval_prompts.items()
+                                                                    if k in train_prompts)},
+        # Training batches are shuffled, so the waste is measured on train rows in a seeded random order.
+        "padding_waste": {"pairs_per_batch": cfg.train.per_device_batch_size, "rows": "train, shuffled",
+                          "share_of_tokens": round(padding_waste(
+                              random.Random(cfg.train.seed).sample(train_rows, len(train_rows)),
+                              cfg.train.per_device_batch_size), 4)},
+        "tokenizer": {"source": cfg.model.tokenizer or ("byte-level (orpo_ray.tokenizer)" if cfg.model.name_or_path
+                                                        == "tiny" else cfg.model.name_or_path),
+                      "type": type(tokenizer).__name__, "vocab": len(tokenizer)},
         "_raw_lengths": raw_lengths,
     }
 
@@ -132,7 +155,41 @@ def plot_lengths(raw_lengths: dict, max_length: int, out_path: Path) -> Path:
     return out_path
 
 
+def summary_lines(report: dict) -> list[str]:
+    """The headline numbers, one line each, for the terminal."""
+    t, ns, q = report["truncation"], report["no_signal_pairs"], report["quarantined"]
+    fmt = lambda p: "/".join(str(p.get(k, "-")) for k in ("p50", "p90", "p99", "max"))  # noqa: E731
+    lines = [
+        "sources: " + ", ".join(report["sources"]),
+        "rows by format: " + ", ".join(f"{k} {v.get('pairs', 0)} pairs + {v.get('quarantined', 0)} quarantined"
+                                       for k, v in report["rows_by_format"].items()),
+        f"pairs: train {report['pairs']['train']}, eval {report['pairs']['eval']}; quarantined {q['total']}",
+        *(f"  quarantined: {v['count']} x {reason} (e.g. row {v['examples'][0]['row']})"
+          for reason, v in q["by_reason"].items()),
+        "tokens p50/p90/p99/max (untruncated): " + "; ".join(
+            f"{k} {fmt(v)}" for k, v in report["tokens_untruncated"].items()),
+        f"truncation at max_length {t['max_length']} / max_prompt_length {t['max_prompt_length']}: "
+        f"{t['pairs_cut']} pairs cut ({t['share_cut']:.1%}); {t['prompt_tokens_cut']} prompt + "
+        f"{t['response_tokens_cut']} response tokens removed; per cut pair {fmt(t['tokens_cut_per_cut_pair'])}",
+        f"no-signal pairs: {ns['identical']} identical, {ns['nearly_identical']} nearly identical "
+        f"(token similarity >= {ns['near_ratio_threshold']})",
+        "duplicate prompts: {train} repeats in train, {eval} in eval; {eval_pairs_with_a_train_prompt} eval pairs "
+        "have a training prompt".format(**report["duplicate_prompts"]),
+        f"padding waste at {report['padding_waste']['pairs_per_batch']} pairs/batch: "
+        f"{report['padding_waste']['share_of_tokens']:.1%} of token slots",
+        f"tokenizer: {report['tokenizer']['source']} (vocab {report['tokenizer']['vocab']})",
+    ]
+    if ns["identical"]:
+        lines.append(f"warning: {ns['identical']} pairs have identical chosen and rejected tokens (no ORPO signal); "
+                     + ("data.drop_identical_pairs=true drops them in training" if ns["dropped_in_training"]
+                        else "set data.drop_identical_pairs=true to drop them"))
+    if ns["nearly_identical"]:
+        lines.append(f"warning: {ns['nearly_identical']} pairs are nearly identical after tokenization (little signal)")
+    return lines
+
+
 def run_data_report(cfg: Config) -> dict:
+    """Build the report, write data_report.json + data_lengths.png to output_dir (and MLflow), print it."""
     tokenizer = load_tokenizer(cfg.model)
     report = build_report(cfg, tokenizer)
     out = Path(cfg.output_dir)
@@ -146,10 +203,6 @@ def run_data_report(cfg: Config) -> dict:
             tracker.start(cfg.tracking.experiment, run_name=f"data-report-{out.name}")
             tracker.log_artifact(out / "data_report.json")
             tracker.log_artifact(out / "data_lengths.png")
-    print(json.dumps({k: report[k] for k in ("pairs", "truncation", "no_signal_pairs", "duplicate_prompts",
-                                             "padding_waste")} | {"quarantined": report["quarantined"]["total"]},
-                     indent=2))
-    if report["no_signal_pairs"]["identical"]:
-        print(f"warning: {report['no_signal_pairs']['identical']} pairs have identical chosen and rejected tokens "
-              "(no ORPO signal); set data.drop_identical_pairs=true to drop them")
+    print("\n".join(summary_lines(report)))
+    print(f"written: {out / 'data_report.json'}, {out / 'data_lengths.png'}")
     return report

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orpo_ray.config import Config
 from orpo_ray.data import PreferencePair, Quarantined, read_pairs, write_quarantine
+from orpo_ray.hf_data import default_eval_input, resolve_input
 from orpo_ray.synthetic import write_synthetic_split
 from orpo_ray.tokenize import render_pair, tokenize_pair
 
 
 @dataclass
 class DataSources:
-    """Resolved input files: what a run actually trains and evaluates on."""
+    """Resolved inputs (files or save_to_disk split directories): what a run actually trains and evaluates on."""
 
     train_path: str
     eval_path: str | None  # None: split eval_fraction off train_path
@@ -36,20 +38,35 @@ class PreparedData:
     eval_rows: list[dict]
     quarantined: list[Quarantined] = field(default_factory=list)
     sources: DataSources | None = None
+    identical_pairs: int = 0  # chosen == rejected after tokenization, counted before any drop
+    dropped_identical_pairs: int = 0
 
     @property
     def stats(self) -> dict:
+        """What a run trains on, in counts (train_loop prints and logs it; the Ray path's stats have the same keys)."""
         cut = [r for r in self.train_rows + self.eval_rows if r["prompt_tokens_cut"] or r["response_tokens_cut"]]
         return {
             "train_pairs": len(self.train_rows),
             "eval_pairs": len(self.eval_rows),
             "quarantined": len(self.quarantined),
+            "quarantined_by_reason": quarantine_reasons(self.quarantined),
             "truncated_pairs": len(cut),
+            "identical_pairs": self.identical_pairs,
+            "dropped_identical_pairs": self.dropped_identical_pairs,
         }
 
 
+def quarantine_reasons(quarantined: list[Quarantined]) -> dict[str, int]:
+    """{reason: rows}, most frequent first."""
+    return dict(Counter(q.reason for q in quarantined).most_common())
+
+
 def resolve_sources(cfg: Config) -> DataSources:
-    """Synthetic data is written as JSONL under output_dir/data, so every path reads files the same way."""
+    """Synthetic data is written as JSONL under output_dir/data, so every path reads files the same way.
+
+    A saved DatasetDict (or a hub id, downloaded once under the cache dir) becomes the directory of
+    data.train_split / data.eval_split; with no eval_path, its eval_split serves as eval data if it has one.
+    """
     d = cfg.data
     if d.train_path is None:
         s = d.synthetic
@@ -58,7 +75,13 @@ def resolve_sources(cfg: Config) -> DataSources:
         return DataSources(str(train), str(evalp), synthetic=True)
     # Absolute paths: Ray Data tasks may run in another working directory.
     absolute = lambda p: str(Path(p).expanduser().resolve()) if p and "://" not in p else p  # noqa: E731
-    return DataSources(absolute(d.train_path), absolute(d.eval_path), synthetic=False)
+    hub_root = Path(d.cache_dir or Path(cfg.output_dir) / "cache").expanduser().resolve() / "hf"
+    train = absolute(d.train_path)
+    if d.eval_path is not None:
+        evalp = resolve_input(absolute(d.eval_path), d.eval_split, hub_root)
+    else:
+        evalp = default_eval_input(train, d.eval_split, hub_root) if d.eval_split != d.train_split else None
+    return DataSources(resolve_input(train, d.train_split, hub_root), evalp, synthetic=False)
 
 
 def split_for_eval(pairs: list, fraction: float) -> tuple[list, list]:
@@ -112,11 +135,12 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     d = cfg.data
     train_pairs, eval_pairs, quarantined, sources = read_split_pairs(cfg)
 
-    def tok(pairs):
-        rows = tokenize_pairs(pairs, tokenizer, d.max_length, d.max_prompt_length)
-        return [r for r in rows if not identical_responses(r)] if d.drop_identical_pairs else rows
-
-    return PreparedData(tok(train_pairs), tok(eval_pairs), quarantined, sources)
+    train, evals = (tokenize_pairs(p, tokenizer, d.max_length, d.max_prompt_length) for p in (train_pairs, eval_pairs))
+    identical = sum(identical_responses(r) for r in train + evals)
+    if d.drop_identical_pairs:
+        train, evals = ([r for r in rows if not identical_responses(r)] for rows in (train, evals))
+    return PreparedData(train, evals, quarantined, sources, identical_pairs=identical,
+                        dropped_identical_pairs=identical if d.drop_identical_pairs else 0)
 
 
 def save_quarantine(prepared: PreparedData, output_dir: str | Path) -> Path:
@@ -129,7 +153,8 @@ def fingerprint(cfg: Config, tokenizer) -> str:
     """Key for the tokenized cache: inputs, their sizes/mtimes, the tokenizer and the truncation settings."""
     d = cfg.data
     parts = {
-        "train": d.train_path, "eval": d.eval_path, "format": d.format, "max_length": d.max_length,
+        "train": d.train_path, "eval": d.eval_path, "train_split": d.train_split, "eval_split": d.eval_split,
+        "format": d.format, "max_length": d.max_length,
         "max_prompt_length": d.max_prompt_length, "eval_fraction": d.eval_fraction,
         "synthetic": vars(d.synthetic) if d.train_path is None else None,
         "max_train_pairs": d.max_train_pairs, "max_eval_pairs": d.max_eval_pairs,
@@ -138,7 +163,7 @@ def fingerprint(cfg: Config, tokenizer) -> str:
     }
     for key in ("train", "eval"):
         p = parts[key]
-        if p and Path(p).exists():
-            st = Path(p).stat()
-            parts[f"{key}_stat"] = [st.st_size, int(st.st_mtime)]
+        if p and Path(p).exists():  # a save_to_disk directory: every file in it (its shards, state.json)
+            files = sorted(f for f in Path(p).rglob("*") if f.is_file()) if Path(p).is_dir() else [Path(p)]
+            parts[f"{key}_stat"] = [[str(f.relative_to(p)), f.stat().st_size, int(f.stat().st_mtime)] for f in files]
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -31,7 +31,7 @@ import numpy as np
 from orpo_ray.config import Config
 from orpo_ray.data import Quarantined, pair_to_row, read_pairs, row_to_pair, write_quarantine
 from orpo_ray.modeling import load_tokenizer
-from orpo_ray.prepare import fingerprint, identical_responses, resolve_sources, split_for_eval
+from orpo_ray.prepare import fingerprint, identical_responses, quarantine_reasons, resolve_sources, split_for_eval
 from orpo_ray.tokenize import TOKEN_COLUMNS, render_pair, tokenize_pair
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
@@ -116,20 +116,26 @@ def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
                    for r in parsed.filter(lambda r: r["kind"] == "quarantine").take_all()]
     tokenized = (parsed.filter(lambda r: r["kind"] == "pair")
                  .map_batches(tokenize_rows, batch_format="numpy", fn_kwargs={
-                     "tokenizer": tokenizer, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}))
-    if d.drop_identical_pairs:
-        tokenized = tokenized.filter(lambda r: not identical_responses(r))
-    tokenized = tokenized.materialize()
+                     "tokenizer": tokenizer, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length})
+                 .materialize())
 
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    stats = {"quarantined": len(quarantined), "truncated_pairs": 0, "sources": [i["path"] for i in items]}
+    # The same keys as prepare.PreparedData.stats; limits apply before identical pairs are dropped, as there.
+    stats = {"quarantined": len(quarantined), "quarantined_by_reason": quarantine_reasons(quarantined),
+             "truncated_pairs": 0, "identical_pairs": 0, "dropped_identical_pairs": 0,
+             "sources": [i["path"] for i in items]}
     for split, limit in (("train", d.max_train_pairs), ("eval", d.max_eval_pairs)):
         # Sort by (source, row) so the cache's row order - and so training order - is reproducible.
         part = tokenized.filter(lambda r, s=split: r["split"] == s).sort(["source", "row"])
         if limit is not None:
             part = part.limit(limit)
         part = part.materialize()
+        identical = part.filter(identical_responses).count() if part.count() else 0
+        stats["identical_pairs"] += identical
+        if d.drop_identical_pairs and identical:
+            part = part.filter(lambda r: not identical_responses(r)).materialize()
+            stats["dropped_identical_pairs"] += identical
         count = part.count()
         stats[f"{split}_pairs"] = count
         stats["truncated_pairs"] += part.filter(

@@ -59,7 +59,11 @@ def test_quarantined_rows_of_train_and_eval_files_are_counted_and_written(tmp_pa
     prepared = prepare_data(cfg, TOK)
     assert [(Path(q.source).name, q.row) for q in prepared.quarantined] == [("t.jsonl", 2), ("t.jsonl", 4),
                                                                             ("e.jsonl", 2)]
-    assert prepared.stats == {"train_pairs": 2, "eval_pairs": 1, "quarantined": 3, "truncated_pairs": 0}
+    assert prepared.stats == {"train_pairs": 2, "eval_pairs": 1, "quarantined": 3, "truncated_pairs": 0,
+                              "quarantined_by_reason": {
+                                  "invalid JSON: Expecting property name enclosed in double quotes (column 2)": 1,
+                                  "empty chosen response": 1, "row is list, expected a JSON object": 1},
+                              "identical_pairs": 0, "dropped_identical_pairs": 0}
     lines = save_quarantine(prepared, tmp_path / "out").read_text().splitlines()
     assert [json.loads(line)["row"] for line in lines] == [2, 4, 2]
 
