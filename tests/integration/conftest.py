@@ -40,6 +40,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_port_args() -> list:
+    """Free ports for a node's agents. Their defaults (e.g. the dashboard agent's 52365) are fixed, so a second
+    Ray on the machine - the session's `ray_local`, or anyone else's - would hold them and `ray job submit`
+    then fails with "No available agent"."""
+    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+
+
 def _base_env(home: str) -> dict:
     """Env for a cluster of ours: temp HOME, explicit token file (RAY_AUTH_TOKEN_PATH).
 
@@ -116,7 +124,7 @@ def ray_cluster(tmp_path):
     log = open(log_path, "w")
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
            "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--temp-dir", temp_dir, "--num-cpus", "2",
+           "--dashboard-port", str(dash), "--temp-dir", temp_dir, "--num-cpus", "2", *agent_port_args(),
            "--include-dashboard", "true" if HAVE_DASHBOARD else "false", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
