@@ -88,7 +88,6 @@ class RayRuntime:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        self._staging: list[str] = []
 
     def setup_data(self, cfg: Config, tokenizer) -> dict:
         import ray.train
