@@ -2,6 +2,7 @@
 
 Commands:
   train        train with ORPO (through Ray Train; `--local` runs the same loop in this process)
+  tune         sweep λ and the learning rate with Ray Tune (each trial a Ray Train run)
   eval         evaluate a trained model on held-out pairs
   bench        benchmark against TRL's ORPOTrainer
   data-report  what is in the data before you train on it
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train with ORPO")
     _add_config_args(train)
     train.add_argument("--local", action="store_true", help="run the loop in this process (1 worker, no Ray)")
-    for name, help_text in (("eval", "evaluate a model"),
+    for name, help_text in (("tune", "sweep λ x learning rate with Ray Tune"), ("eval", "evaluate a model"),
                             ("bench", "benchmark against TRL"), ("data-report", "report on the data")):
         _add_config_args(sub.add_parser(name, help=help_text))
     sub.add_parser("config", help="list every config key, its default and meaning")
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 results = run_training(cfg)
             _print_summary(results)
+        elif args.command == "tune":
+            from orpo_ray.tune import run_sweep
+
+            run_sweep(cfg)
         elif args.command == "eval":
             from orpo_ray.evaluate import run_eval
 

@@ -140,7 +140,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.0, "Warm-up as a share of total steps (used when warmup_steps is 0).")
     scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warm-up.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_betas: list = _f([0.9, 0.999], "AdamW betas.")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     seed: int = _f(42, "Seed for data order and dropout.")
     precision: Literal["auto", "fp32", "bf16"] = _f(
@@ -218,16 +218,19 @@ class TrackingConfig:
 # ---------------------------------------------------------------------------------------------- tune
 @dataclass
 class TuneSection:
-    beta: list = _f([0.05, 0.1, 0.2], "lambda values to grid-search.")
-    learning_rate: list = _f([], "Learning rates to grid-search (empty: sample log-uniform, see below).")
-    learning_rate_min: float = _f(1e-4, "Lower bound of the log-uniform learning-rate range.")
-    learning_rate_max: float = _f(1e-3, "Upper bound of the log-uniform learning-rate range.")
-    num_samples: int = _f(1, "Samples per grid point (Tune's num_samples).")
-    metric: str = _f("eval_rewards/accuracies", "Metric that ranks trials.")
+    """`orpo-ray tune CONFIG`: a Ray Tune sweep of λ x learning rate; every trial is a full Ray Train run."""
+
+    beta: list[float] = _f([0.05, 0.1, 0.2], "λ (orpo.beta) values to grid-search; 0 is the SFT baseline.")
+    learning_rate: list[float] = _f([], "Learning rates to grid-search; empty: sample log-uniform from the range below.")
+    learning_rate_min: float = _f(1e-4, "Lower bound of the log-uniform learning-rate range (learning_rate: []).")
+    learning_rate_max: float = _f(1e-3, "Upper bound of the log-uniform learning-rate range (learning_rate: []).")
+    num_samples: int = _f(1, "Tune's num_samples: repeats of the grid (with a sampled learning rate, one new draw each).")
+    metric: str = _f("eval_rewards/accuracies", "Held-out metric that ranks trials (an eval_ metric, e.g. eval_loss).")
     mode: Literal["max", "min"] = _f("max", "Whether the metric is maximised or minimised.")
-    max_concurrent_trials: int = _f(1, "Trials running at once.")
-    asha: bool = _f(True, "Early-stop weak trials with ASHA.")
-    asha_grace_period: int = _f(1, "Evaluations before ASHA may stop a trial.")
+    max_concurrent_trials: int = _f(1, "Trials running at once; each needs scaling.num_workers x cpus_per_worker CPUs.")
+    asha: bool = _f(True, "Stop weak trials early with the ASHA scheduler (one result per evaluation).")
+    asha_grace_period: int = _f(1, "Evaluations every trial gets before ASHA may stop it.")
+    asha_reduction_factor: int = _f(2, "ASHA keeps the top 1/reduction_factor of trials at each rung.")
 
 
 @dataclass
@@ -289,7 +292,22 @@ class Config:
                               f">= 2 * data.max_length ({2 * d.max_length}) so any pair fits one row")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{where}: deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
+        self._validate_tune(where)
         return self
+
+    def _validate_tune(self, where: str) -> None:
+        u = self.tune
+        if not u.beta or any(b < 0 for b in u.beta):
+            raise ConfigError(f"{where}: tune.beta must be a non-empty list of numbers >= 0, got {u.beta}")
+        if any(lr <= 0 for lr in u.learning_rate):
+            raise ConfigError(f"{where}: tune.learning_rate must list numbers > 0, got {u.learning_rate}")
+        if not 0 < u.learning_rate_min < u.learning_rate_max:
+            raise ConfigError(f"{where}: tune.learning_rate_min ({u.learning_rate_min}) must be > 0 and < "
+                              f"tune.learning_rate_max ({u.learning_rate_max})")
+        for key in ("num_samples", "max_concurrent_trials", "asha_grace_period", "asha_reduction_factor"):
+            if getattr(u, key) < 1 + (key == "asha_reduction_factor"):
+                raise ConfigError(f"{where}: tune.{key} must be >= {1 + (key == 'asha_reduction_factor')}, "
+                                  f"got {getattr(u, key)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -334,12 +352,18 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string; people mean a float
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):
-            return list(value)
+            item_type = (typing.get_args(tp) or (None,))[0]
+            return [v if item_type is None else _coerce(v, item_type, f"{key}[{i}]", where) for i, v in enumerate(value)]
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)

@@ -1,7 +1,7 @@
-"""Alignment evidence: SFT vs ORPO through the same loop, data and seed (the paper's Figure 3), and λ's effect.
+"""Alignment evidence: SFT vs ORPO through the same loop, data and seed (the paper's Figure 3).
 
     python -m orpo_ray.evidence configs/evidence/synthetic.yaml [key=value ...]               # SFT vs ORPO
-    python -m orpo_ray.evidence configs/evidence/lambda_sweep.yaml --lambda-sweep [key=value ...]
+    orpo-ray tune configs/evidence/lambda_sweep.yaml                                          # λ's effect
 
 SFT is ORPO with `orpo.beta=0` (loss == NLL of the chosen response, the paper's L_SFT), so the two arms differ
 in nothing but λ. Each arm is a normal in-process `train_loop_per_worker` run under `output_dir/<arm>` followed
@@ -10,10 +10,9 @@ by `evaluate.run_eval` on its exported model (eval.json with generations). The d
   logps_sft_vs_orpo.png  train (solid) and held-out (dashed) mean log-probs of chosen and rejected over steps,
                          one panel per arm, shared y axis: under SFT rejected rises with chosen, under ORPO not
   evidence.json / .md    per arm: held-out accuracy, log-prob margin, chosen/rejected log-probs, NLL
-  lambda_sweep.png       (--lambda-sweep: one arm per λ in `tune.beta`) held-out margin and accuracy against λ
 
 and logs them as artifacts of an MLflow parent run whose children are the arms' runs (when tracking is on).
-The λ sweep runs sequentially in this process (`orpo-ray tune` was not available when this was written).
+The effect of λ is a Ray Tune sweep (`orpo-ray tune`), which draws its λ plot with `plot_lambda_sweep` below.
 """
 
 from __future__ import annotations
@@ -46,14 +45,11 @@ class Arm:
     beta: float
 
 
-def arms_for(cfg: Config, lambda_sweep: bool) -> list[Arm]:
-    """SFT (λ=0) and ORPO (λ=orpo.beta); with the sweep, one arm per λ in tune.beta, λ=0 always included."""
-    if not lambda_sweep:
-        if cfg.orpo.beta <= 0:
-            raise ValueError("evidence compares SFT (λ=0) with ORPO: orpo.beta must be > 0")
-        return [Arm("sft", 0.0), Arm("orpo", float(cfg.orpo.beta))]
-    betas = sorted({0.0, *map(float, cfg.tune.beta)})
-    return [Arm("sft" if b == 0 else f"lambda_{b:g}", b) for b in betas]
+def arms_for(cfg: Config) -> list[Arm]:
+    """SFT (λ=0) and ORPO (λ=orpo.beta)."""
+    if cfg.orpo.beta <= 0:
+        raise ValueError("evidence compares SFT (λ=0) with ORPO: orpo.beta must be > 0")
+    return [Arm("sft", 0.0), Arm("orpo", float(cfg.orpo.beta))]
 
 
 def arm_config(cfg: Config, arm: Arm) -> Config:
@@ -158,7 +154,7 @@ def _save(fig, out_path: str | Path, title: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- driver
-def run_evidence(cfg: Config, lambda_sweep: bool = False, command: str | None = None) -> dict:
+def run_evidence(cfg: Config, command: str | None = None) -> dict:
     """Train and evaluate every arm, then write plots, evidence.json/.md and log them to MLflow."""
     from orpo_ray.tracking import Tracker, resolve_tracking_uri
     from orpo_ray.train_loop import RUN_EXTRAS_KEY, train_loop_per_worker
@@ -169,11 +165,11 @@ def run_evidence(cfg: Config, lambda_sweep: bool = False, command: str | None = 
     parent = Tracker(uri)
     with parent:
         parent.start(cfg.tracking.experiment, run_name=cfg.tracking.run_name or root.name,
-                     tags={"kind": "lambda_sweep" if lambda_sweep else "evidence", "command": command or ""})
+                     tags={"kind": "evidence", "command": command or ""})
         parent.log_params({"config": cfg.to_dict()})
         extras = {"mlflow_uri": uri, "mlflow_parent_run_id": parent.run_id}
         rows, histories = [], {}
-        for arm in arms_for(cfg, lambda_sweep):
+        for arm in arms_for(cfg):
             arm_cfg = arm_config(cfg, arm)
             print(f"[orpo-ray evidence] arm {arm.name}: λ = {arm.beta:g} -> {arm_cfg.output_dir}", flush=True)
             train_loop_per_worker({**arm_cfg.to_dict(), RUN_EXTRAS_KEY: extras})
@@ -182,12 +178,8 @@ def run_evidence(cfg: Config, lambda_sweep: bool = False, command: str | None = 
             histories[arm.name] = (arm.beta, json.loads((Path(arm_cfg.output_dir) / "history.json").read_text()))
 
         task = cfg.data.synthetic.task if cfg.data.train_path is None else Path(cfg.data.train_path).name
-        figures = []
-        if lambda_sweep:
-            figures.append(plot_lambda_sweep(rows, root / "lambda_sweep.png", f"Effect of λ on {task}"))
-        else:
-            figures.append(plot_logps_by_arm(histories, root / "logps_sft_vs_orpo.png",
-                                             f"SFT vs ORPO on {task}: same data, seed and steps"))
+        figures = [plot_logps_by_arm(histories, root / "logps_sft_vs_orpo.png",
+                                     f"SFT vs ORPO on {task}: same data, seed and steps")]
         evidence = {"command": command, "task": task, "arms": rows, "config": cfg.to_dict()}
         (root / "evidence.json").write_text(json.dumps(evidence, indent=1, ensure_ascii=False))
         (root / "evidence.md").write_text(f"`{command}`\n\n" + markdown_table(rows))
@@ -203,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    parser.add_argument("--lambda-sweep", action="store_true", help="one arm per λ in tune.beta (plus λ=0)")
     args = parser.parse_args(argv)
     try:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
@@ -211,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2
     argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    run_evidence(cfg, args.lambda_sweep, command=f"python -m orpo_ray.evidence {argv_text}")
+    run_evidence(cfg, command=f"python -m orpo_ray.evidence {argv_text}")
     return 0
 
 

@@ -41,11 +41,17 @@ RUN_STATE_FILE = "orpo_run.json"  # next to Ray's checkpoints: {"config": ..., "
 
 
 # ------------------------------------------------------------------------------------------- ray session
-def worker_env() -> dict:
-    """Environment for Ray workers: DeepSpeed on CPU, and a persistent cache for its JIT-built comm op."""
+def worker_env(address: str | None = None) -> dict:
+    """Environment for Ray workers: DeepSpeed on CPU, a persistent cache for its JIT-built comm op, and the
+    cluster's address. Without RAY_ADDRESS, Ray's State API inside a worker scans the machine for clusters and
+    fails when there are several ("Found multiple active Ray instances"); Ray Train's placement-group cleaner
+    uses it to free the resources of a Train run whose controller died (a Tune trial ASHA stopped), so the
+    next trial would wait for CPUs forever."""
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_ray_torch_extensions"))
+    if address and address != "auto" and "://" not in address:
+        env["RAY_ADDRESS"] = address
     return env
 
 
@@ -65,7 +71,7 @@ def ensure_ray(cfg: Config) -> None:
         return
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env(address)}, log_to_driver=True)
     else:
         ray.init(runtime_env={"env_vars": worker_env()},
                  num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
@@ -194,6 +200,12 @@ def run_identity(cfg: Config) -> dict:
     return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in VOLATILE_KEYS)}
 
 
+def changed_keys(cfg: Config, stored_identity: dict) -> list[str]:
+    """Keys whose value differs between cfg and an identity stored (as JSON) by an earlier run."""
+    mine = json.loads(json.dumps(run_identity(cfg)))  # same JSON types as the stored one
+    return sorted(k for k in mine.keys() | stored_identity.keys() if mine.get(k) != stored_identity.get(k))
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -207,8 +219,7 @@ def previous_run(cfg: Config) -> dict | None:
     if not state_file.exists():
         return None
     state = json.loads(state_file.read_text())
-    mine = json.loads(json.dumps(run_identity(cfg)))  # same JSON types as the stored one
-    changed = sorted(k for k in mine.keys() | state["config"].keys() if mine.get(k) != state["config"].get(k))
+    changed = changed_keys(cfg, state["config"])
     if changed:
         raise ConfigError(
             f"{cfg.output_dir} holds a run with a different config ({', '.join(changed[:8])}); re-running resumes "
@@ -222,7 +233,7 @@ def _save_run_state(cfg: Config, completed: bool) -> None:
     state_file.write_text(json.dumps({"config": run_identity(cfg), "completed": completed}, indent=1, default=str))
 
 
-def make_trainer(cfg: Config, datasets: dict, extras: dict, *, name: str | None = None, callbacks=None):
+def make_trainer(cfg: Config, datasets: dict, extras: dict, *, callbacks=None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -236,7 +247,7 @@ def make_trainer(cfg: Config, datasets: dict, extras: dict, *, name: str | None 
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=name or run_name(cfg),
+            name=run_name(cfg),
             storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -258,15 +269,29 @@ def run_training(cfg: Config, callbacks=None) -> dict:
     from orpo_ray.ray_data import tokenized_datasets
 
     cfg = with_absolute_paths(cfg)
+    finished = finished_results(cfg)
+    if finished is not None:
+        return finished
+    ensure_ray(cfg)
+    datasets, data_stats = tokenized_datasets(cfg)
+    return fit_run(cfg, datasets, {"data_stats": data_stats}, callbacks=callbacks)
+
+
+def finished_results(cfg: Config) -> dict | None:
+    """results.json of an earlier, finished run of this config in this output_dir (None: train it).
+    Raises ConfigError if the output_dir holds a run with another config."""
     results_file = Path(cfg.output_dir) / "results.json"
     state = previous_run(cfg)
     if state and state["completed"] and results_file.exists():
         print(f"[orpo-ray] {cfg.output_dir} already holds this finished run; nothing to do "
               "(use a new output_dir to train again)", flush=True)
         return json.loads(results_file.read_text())
-    ensure_ray(cfg)
-    datasets, data_stats = tokenized_datasets(cfg)
+    return None
+
+
+def fit_run(cfg: Config, datasets: dict, extras: dict, *, callbacks=None) -> dict:
+    """Fit one Ray Train run on already tokenized datasets (resuming its latest checkpoint, if any)."""
     _save_run_state(cfg, completed=False)
-    make_trainer(cfg, datasets, {"data_stats": data_stats}, callbacks=callbacks).fit()
+    make_trainer(cfg, datasets, extras, callbacks=callbacks).fit()
     _save_run_state(cfg, completed=True)
-    return json.loads(results_file.read_text())
+    return json.loads((Path(cfg.output_dir) / "results.json").read_text())

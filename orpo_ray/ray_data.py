@@ -1,7 +1,7 @@
 """The Ray Data pipeline: preference files -> parsed rows | quarantine -> tokenized Parquet cache.
 
 Parsing and tokenizing run as Ray Data tasks (`flat_map` per input file, `map_batches` per block) using
-the same pure functions as the in-process path (`data.read_pairs`, `tokenize.tokenize_pair`), so both
+the same pure functions as the in-process path (`data.read_pairs`, `tokenize.tokenize_batch`), so both
 paths share one quarantine policy and one truncation policy. Files are parsed by our own reader rather
 than `ray.data.read_json` because a single malformed line makes `read_json` fail the whole dataset,
 while we must quarantine it with its line number and go on.
@@ -29,10 +29,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from orpo_ray.config import Config
-from orpo_ray.data import Quarantined, pair_to_row, read_pairs, row_to_pair, write_quarantine
+from orpo_ray.data import Quarantined, pair_to_row, read_pairs, write_quarantine
 from orpo_ray.modeling import load_tokenizer
 from orpo_ray.prepare import fingerprint, identical_responses, quarantine_reasons, resolve_sources, split_for_eval
-from orpo_ray.tokenize import TOKEN_COLUMNS, render_pair, tokenize_pair
+from orpo_ray.tokenize import TOKEN_COLUMNS, tokenize_batch
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
 SHUFFLE_WINDOW_STEPS = 16  # optimizer steps' worth of pairs permuted together (the local-shuffle window)
@@ -86,21 +86,6 @@ def parse_file(item: dict, fmt: str, eval_fraction: float) -> list[dict]:
     return out
 
 
-def tokenize_rows(batch, tokenizer, max_length: int, max_prompt_length: int) -> dict:
-    """map_batches body: render (chat template for conversational rows) and tokenize each pair."""
-    columns: dict[str, list] = {k: [] for k in (*TOKEN_COLUMNS, "split", "source", "row", "order")}
-    for i in range(len(batch["prompt"])):
-        row = {k: batch[k][i] for k in _PAIR_COLUMNS}
-        row["row"] = int(row["row"])
-        prompt, chosen, rejected = render_pair(row_to_pair(row), tokenizer)
-        tokens = tokenize_pair(prompt, chosen, rejected, tokenizer, max_length, max_prompt_length)
-        for k in TOKEN_COLUMNS:
-            columns[k].append(tokens[k])
-        for k in ("split", "source", "row", "order"):
-            columns[k].append(batch[k][i])
-    return columns
-
-
 def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
     import ray.data
 
@@ -115,8 +100,9 @@ def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
     quarantined = [Quarantined(r["source"], int(r["row"]), r["reason"], r["excerpt"])
                    for r in parsed.filter(lambda r: r["kind"] == "quarantine").take_all()]
     tokenized = (parsed.filter(lambda r: r["kind"] == "pair")
-                 .map_batches(tokenize_rows, batch_format="numpy", fn_kwargs={
-                     "tokenizer": tokenizer, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length})
+                 .map_batches(tokenize_batch, batch_format="numpy", fn_kwargs={
+                     "tokenizer": tokenizer, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+                     "keep": ("split", "source", "row", "order")})
                  .materialize())
 
     tmp = cache.with_name(cache.name + ".tmp")

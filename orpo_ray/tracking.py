@@ -447,6 +447,35 @@ class Tracker:
             self._runs.append(run_id)
         return run_id
 
+    def attach(self, experiment: str, run_id: str) -> str | None:
+        """Continue an existing run (e.g. a resumed sweep's parent): mark it RUNNING and make it current."""
+        if not self._shared.enabled:
+            return None
+        exp_id = self._call("get/create experiment " + repr(experiment), self._get_experiment, experiment)
+        if exp_id is None:
+            return None
+        self._call(f"reopen run {run_id}", lambda c: c.update_run(run_id, "RUNNING"))
+        if not self._shared.enabled:  # the run id was unknown to this server, or the server went away
+            return None
+        self._experiment_id = exp_id
+        self._runs.append(run_id)
+        return run_id
+
+    def end_open_children(self, status: str = "KILLED") -> None:
+        """End the current run's child runs still marked RUNNING (their process was stopped from outside,
+        e.g. a Tune trial that ASHA stopped)."""
+        run_id = self._active()
+        if run_id is None:
+            return
+
+        def end_children(client: Any) -> None:
+            runs = client.search_runs([self._experiment_id],
+                                      f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+            for run in runs:
+                client.set_terminated(run.info.run_id, status)
+
+        self._call("end open child runs", end_children)
+
     def end(self, status: str = "FINISHED") -> None:
         """End the current run (``FINISHED``, ``FAILED`` or ``KILLED``); back to its parent."""
         if not self._runs:
@@ -585,8 +614,9 @@ class Tracker:
             chunk = batch[i : i + MAX_METRICS_PER_BATCH]
             self._call("log metrics", lambda c, ch=chunk: c.log_batch(run_id, metrics=ch))
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        run_id = self._active()
+    def set_tags(self, tags: Mapping[str, Any], run_id: str | None = None) -> None:
+        """Tags on the current run, or on `run_id` (any run of this server, e.g. a sweep's best child)."""
+        run_id = run_id if run_id and self._shared.enabled else self._active()
         if run_id is None:
             return
         from mlflow.entities import RunTag

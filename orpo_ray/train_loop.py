@@ -139,7 +139,8 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
                 bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",
                                 pairs_s=f"{timed_steps * global_batch / timed_seconds:.1f}")
 
-        if (t.eval_interval and done % t.eval_interval == 0) or done == total_steps:
+        evaluated = (t.eval_interval and done % t.eval_interval == 0) or done == total_steps
+        if evaluated:
             eval_metrics = evaluate(engine.model, runtime, cfg, precision, pad_id)
             history.append({"step": done, **eval_metrics})
             tracker.log_metrics(eval_metrics, step=done)
@@ -152,8 +153,10 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             checkpoint_dir = runtime.checkpoint_staging_dir(done)
             engine.save(checkpoint_dir)
             (Path(checkpoint_dir) / "COMPLETE").touch()
-        if checkpoint_dir or done % t.log_interval == 0 or done == total_steps:
-            runtime.report({"step": done, **train_metrics, **eval_metrics}, checkpoint_dir)
+        if checkpoint_dir or evaluated or done % t.log_interval == 0:
+            # Eval metrics only in the report of the step that computed them: a Tune scheduler (ASHA) then
+            # sees one result per evaluation, never a stale one carried over to later steps.
+            runtime.report({"step": done, **train_metrics, **(eval_metrics if evaluated else {})}, checkpoint_dir)
         bar.update(1)
     bar.close()
 
@@ -175,6 +178,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         "world_size": runtime.world_size,
         "parameters": {"trainable": trainable, "total": total},
         "hardware": hardware_summary(),
+        "mlflow_run_id": tracker.run_id,
     }
     if is_main:
         out = Path(cfg.output_dir)

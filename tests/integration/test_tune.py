@@ -1,0 +1,120 @@
+"""`orpo-ray tune` on real Ray: a 2 λ x 2 learning-rate sweep submitted to a `ray start --head` cluster into a
+live `mlflow server`, with ASHA; and re-running an interrupted sweep (Tuner.restore + Ray Train resume)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orpo_ray.config import load_config, with_absolute_paths
+from orpo_ray.tune import run_sweep
+from tests.integration.mlflow_fixtures import mlflow_server  # noqa: F401  (fixture)
+from tests.integration.ray_train_helpers import DEMO, ROOT, TINY
+
+pytestmark = pytest.mark.integration
+
+# Grid order: λ varies fastest, so trials 0-1 use lr 3e-3 and trials 2-3 lr 1e-6. With eval_nll_loss as the
+# metric, a 1e-6 trial still sits at the untrained NLL (~ln 259) at ASHA's first rung (step 4), above the
+# median of the trials before it, so ASHA stops both; trial 0 has no rival at that point and always completes.
+SWEEP = ["tune.beta=[0.1,1.0]", "tune.learning_rate=[3e-3,1e-6]", "tune.metric=eval_nll_loss", "tune.mode=min",
+         "tune.asha=true", "tune.asha_grace_period=1", "train.max_steps=24", "train.eval_interval=4"]
+
+
+def _sweep_config(tmp_path, *overrides):
+    return with_absolute_paths(load_config(DEMO, [*TINY, f"output_dir={tmp_path / 'sweep'}", *overrides]))
+
+
+def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(ray_cluster, tmp_path, mlflow_server):  # noqa: F811
+    """Through the CLI on a `ray start --head` cluster (with its dashboard: Ray Train's placement-group
+    cleaner needs the State API to free the resources of trials that ASHA stopped)."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "orpo_ray.cli", "tune", DEMO, *TINY, *SWEEP, f"output_dir={out}",
+           f"scaling.address={ray_cluster['address']}", "tracking.enabled=true",
+           f"tracking.mlflow_uri={mlflow_server.uri}", "tracking.experiment=sweep-test"]
+    start = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, env=ray_cluster["env"], capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    summary = json.loads((out / "tune_results.json").read_text())
+    print(f"\nsweep of {len(summary['trials'])} trials: {time.perf_counter() - start:.0f} s end to end "
+          f"({summary['wall_seconds']:.0f} s in run_sweep); best λ={summary['best']['beta']:g} "
+          f"lr={summary['best']['learning_rate']:.3g} eval_nll_loss={summary['best']['metrics']['eval_nll_loss']:.4f}")
+    assert "(best)" in p.stdout and "best trial" in p.stdout  # the printed table and verdict
+
+    # tune_results.json: every trial with its config, status, final metrics; the best trial; its model exported.
+    saved = summary
+    trials = {(t["beta"], t["learning_rate"]): t for t in saved["trials"]}
+    assert sorted(trials) == [(0.1, 1e-6), (0.1, 3e-3), (1.0, 1e-6), (1.0, 3e-3)]
+    assert {t["status"] for t in trials.values()} <= {"completed", "stopped early"}
+    assert trials[(0.1, 3e-3)]["status"] == "completed"
+    stopped = [t for t in trials.values() if t["status"] == "stopped early"]
+    assert all(trials[(b, 1e-6)]["status"] == "stopped early" for b in (0.1, 1.0))
+    assert all(t["step"] < 24 and t["model_dir"] is None for t in stopped)  # ASHA cut them short
+    best = saved["best"]
+    assert best["learning_rate"] == 3e-3 and best["status"] == "completed"
+    assert best["metrics"]["eval_nll_loss"] == min(t["metrics"]["eval_nll_loss"] for t in trials.values()
+                                                   if t["status"] == "completed")
+    assert (out / "best_model" / "model.safetensors").exists()
+    assert (out / "best_model" / "model.safetensors").read_bytes() == \
+        (Path(best["model_dir"]) / "model.safetensors").read_bytes()
+    assert "(best)" in (out / "trials.md").read_text()
+
+    # MLflow: one parent, four children with metrics, params and artifacts; the best child tagged.
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_id == saved["mlflow_parent_run_id"]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    for child in children:
+        assert child.data.params["config.orpo.beta"] in ("0.1", "1.0")
+        assert "eval_nll_loss" in child.data.metrics and "rewards/margins" in child.data.metrics
+        if child.info.status == "FINISHED":
+            names = {a.path for a in client.list_artifacts(child.info.run_id)}
+            assert {"results.json", "config.yaml", "plots", "model"} <= names
+    status_of = {(float(c.data.params["config.orpo.beta"]), float(c.data.params["config.train.learning_rate"])):
+                 c.info.status for c in children}
+    # A completed trial's run ended itself; a run cut off by ASHA could not, so the sweep marked it KILLED.
+    assert status_of == {k: "FINISHED" if t["status"] == "completed" else "KILLED" for k, t in trials.items()}
+    tagged = [c for c in children if c.data.tags.get("orpo.best_trial") == "true"]
+    assert [c.info.run_id for c in tagged] == [best["mlflow_run_id"]]
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # The λ plot compares completed trials; it needs two λ values that completed (ASHA may have cut λ=1 short).
+    lambdas_completed = {t["beta"] for t in trials.values() if t["status"] == "completed"}
+    expected = {"tune_results.json", "trials.md", "heatmap_eval_nll_loss.png"}
+    assert expected | ({"lambda_effect.png"} if len(lambdas_completed) > 1 else set()) <= parent_artifacts
+    assert ("lambda_effect.png" in parent_artifacts) == (len(lambdas_completed) > 1)
+    assert parent.data.tags["best_trial"] == best["trial_id"]
+    assert parent.data.metrics["best/eval_nll_loss"] == pytest.approx(best["metrics"]["eval_nll_loss"])
+    assert parent.info.status == "FINISHED"
+
+
+def test_rerunning_an_interrupted_sweep_resumes_it(ray_local, tmp_path, capsys):
+    """The only trial dies at step 3 (max_failures=0): the sweep ends with an errored trial. The same command
+    again restores the Tune experiment and the trial's Train run resumes from its step-2 checkpoint; a third
+    time returns the finished sweep as it is."""
+    cfg = _sweep_config(tmp_path, "tune.beta=[0.5]", "tune.learning_rate=[3e-3]", "tune.asha=false",
+                        "train.max_steps=6", "train.checkpoint_interval=2", "train.fail_at_step=3",
+                        "scaling.max_failures=0")
+    first = run_sweep(cfg)
+    (trial,) = first["trials"]
+    assert trial["status"] == "error" and first["best"] is None
+    assert (Path(trial["output_dir"]) / ".fault_injected_step_3").exists()
+
+    second = run_sweep(cfg)
+    assert "resuming the sweep" in capsys.readouterr().out
+    (trial,) = second["trials"]
+    results = json.loads((Path(trial["output_dir"]) / "results.json").read_text())
+    assert trial["status"] == "completed" and results["resumed_from_step"] == 2 and results["num_steps"] == 6
+    assert second["best"]["trial_id"] == first["trials"][0]["trial_id"]  # the same trial, not a new one
+
+    third = run_sweep(cfg)
+    assert "already holds this finished sweep" in capsys.readouterr().out
+    assert third["best"] == json.loads(json.dumps(second["best"]))
