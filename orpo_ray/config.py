@@ -58,6 +58,18 @@ class LoraConfig:
         "Module names to adapt (Llama-style defaults: attention and MLP projections).",
     )
 
+    def validate(self, where: str) -> None:
+        """Checked even when disabled, so switching LoRA on with an override never meets a stale bad value."""
+        if self.r < 1:
+            raise ConfigError(f"{where}: model.lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}: model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}: model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ConfigError(f"{where}: model.lora.target_modules must be a non-empty list of module names, "
+                              f"got {self.target_modules!r}")
+
 
 @dataclass
 class ModelConfig:
@@ -281,9 +293,10 @@ class Config:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"{where}: train.max_steps must be >= 1 or null, got {t.max_steps}")
-        if self.model.lora.enabled:
-            raise ConfigError(f"{where}: model.lora.enabled is not implemented yet (LoRA/PEFT is open work); "
-                              "refusing rather than silently training all weights")
+        self.model.lora.validate(where)
+        if self.export.merge_lora and not self.model.lora.enabled:
+            raise ConfigError(f"{where}: export.merge_lora=true needs model.lora.enabled=true (there is no "
+                              "adapter to merge otherwise)")
         if self.orpo.beta < 0:
             raise ConfigError(f"{where}: orpo.beta must be >= 0, got {self.orpo.beta}")
         e = self.efficiency

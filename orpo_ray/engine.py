@@ -45,6 +45,7 @@ __all__ = [
     "build_deepspeed_config",
     "create_engine",
     "make_param_groups",
+    "frozen_parameter_names",
     "lr_lambda_factory",
 ]
 
@@ -67,6 +68,16 @@ def make_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def frozen_parameter_names(model: torch.nn.Module) -> set:
+    """Names of parameters that are not trained (the base weights under LoRA).
+
+    Checkpoints leave them out: they never change, a resumed run rebuilds them from the same model source
+    (the base weights, adapters re-initialised then overwritten), and for a 7B base they would be ~14 GB per
+    checkpoint next to a few MB of adapters.
+    """
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
 
 
 def lr_lambda_factory(
@@ -257,6 +268,7 @@ class TorchEngine(Engine):
     ):
         self.module = model
         self.model = model
+        self._frozen = frozen_parameter_names(model)
         self.grad_accum = int(grad_accum)
         self.max_grad_norm = max_grad_norm
         self.optimizer = torch.optim.AdamW(make_param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
@@ -301,7 +313,7 @@ class TorchEngine(Engine):
     def save(self, directory: str, client_state: Optional[Dict[str, Any]] = None) -> None:
         os.makedirs(directory, exist_ok=True)
         state = {
-            "model": self.module.state_dict(),
+            "model": {k: v for k, v in self.module.state_dict().items() if k not in self._frozen},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "global_step": self._global_step,
@@ -317,7 +329,10 @@ class TorchEngine(Engine):
         if not directory or not os.path.isfile(os.path.join(directory, _TORCH_STATE_FILE)):
             return False
         state = torch.load(os.path.join(directory, _TORCH_STATE_FILE), map_location="cpu", weights_only=False)
-        self.module.load_state_dict(state["model"])
+        missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) - self._frozen:  # only frozen weights may be absent (see frozen_parameter_names)
+            raise RuntimeError(f"checkpoint {directory} does not fit the model: missing "
+                               f"{sorted(set(missing) - self._frozen)[:5]}, unexpected {sorted(unexpected)[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._global_step = int(state["global_step"])
@@ -372,6 +387,7 @@ class DeepSpeedEngine(Engine):
         )
         self.model = self.engine
         self.module = self.engine.module
+        self._has_frozen = bool(frozen_parameter_names(model))
         self.grad_accum = int(self.engine.gradient_accumulation_steps())
         self.client_state = {}
 
@@ -405,13 +421,15 @@ class DeepSpeedEngine(Engine):
             directory,
             tag=_DS_TAG_FMT.format(step=self.global_step),
             client_state={"client_state": dict(client_state or {}), "micro_step": int(self.engine.micro_steps)},
+            exclude_frozen_parameters=self._has_frozen,  # see frozen_parameter_names
         )
         torch.save(_rng_state(), os.path.join(directory, _RNG_FILE_FMT.format(rank=_world_rank())))
 
     def load(self, directory: Optional[str]) -> bool:
         if not directory or not os.path.isfile(os.path.join(directory, "latest")):
             return False
-        path, client = self.engine.load_checkpoint(directory)
+        # Non-strict only when frozen weights were left out on purpose; a full model must load completely.
+        path, client = self.engine.load_checkpoint(directory, load_module_strict=not self._has_frozen)
         if path is None:
             return False
         client = client or {}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from orpo_ray.config import Config
-from orpo_ray.modeling import load_model_and_tokenizer
+from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
 from orpo_ray.precision import select_precision
 from orpo_ray.runtime import LocalRuntime
 from orpo_ray.train_loop import evaluate
@@ -28,14 +28,15 @@ MARGIN_KEY = "logps/margins"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A model directory (has config.json), or a run's output_dir whose `model/` is one."""
+    """A model directory (config.json), a LoRA adapter directory (adapter_config.json), or a run's output_dir
+    whose `model/` is one of those."""
     p = Path(path).expanduser().resolve()
     for candidate in (p, p / "model"):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or is_adapter_dir(candidate):
             return candidate
     raise FileNotFoundError(
-        f"eval.checkpoint={str(path)!r}: neither it nor its model/ subdirectory holds a saved model (config.json); "
-        "pass a model directory or the output_dir of a finished `orpo-ray train` run"
+        f"eval.checkpoint={str(path)!r}: neither it nor its model/ subdirectory holds a saved model (config.json) "
+        "or LoRA adapter (adapter_config.json); pass one of those or the output_dir of a finished `orpo-ray train` run"
     )
 
 
@@ -45,10 +46,16 @@ def logp_margin(metrics: dict, prefix: str = "eval_") -> float:
 
 
 def eval_config(cfg: Config, model_dir: Path) -> Config:
-    """The run's config pointed at the saved model (and its tokenizer); training pairs are not needed."""
+    """The run's config pointed at the saved model (and its tokenizer); training pairs are not needed.
+
+    LoRA is switched off: a LoRA run's export is an adapter directory, which `modeling.load_adapter_model` loads
+    onto its base with the trained adapters; the run's model.lora.enabled would ask for fresh ones on top.
+    """
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, name_or_path=str(model_dir), tokenizer=str(model_dir)),
+        model=dataclasses.replace(cfg.model, name_or_path=str(model_dir), tokenizer=str(model_dir),
+                                  lora=dataclasses.replace(cfg.model.lora, enabled=False)),
+        export=dataclasses.replace(cfg.export, merge_lora=False),  # eval exports nothing; keeps the config valid
         # prepare_data tokenizes train and eval; one train pair keeps that cheap (the eval split does not
         # depend on it: split_for_eval runs before max_train_pairs is applied).
         data=dataclasses.replace(cfg.data, max_train_pairs=1),

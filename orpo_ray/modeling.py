@@ -2,20 +2,32 @@
 
 Nothing here downloads: ``name_or_path: tiny`` initialises a small Llama from ``model.tiny`` with a fixed
 seed and the project's byte-level tokenizer; any other value must be a local directory holding
-``config.json``, tokenizer files and weights (``local_files_only=True``, ``trust_remote_code=False``).
+``config.json``, tokenizer files and weights (``local_files_only=True``, ``trust_remote_code=False``), or
+an adapter directory exported by a LoRA run (``adapter_config.json``; see `load_adapter_model`).
+
+LoRA (``model.lora.enabled``): `apply_lora` wraps the model in a peft ``PeftModel`` whose adapter weights are
+the only trainable parameters. ORPO needs no reference model, so this wrapped model is the only one.
+`export_model` then writes the adapter (plus the base weights when the base is not a directory on disk, as
+for 'tiny'); `export_merged` writes a plain model with the adapters folded in. peft is imported lazily so
+full fine-tuning does not pay for it.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from orpo_ray.config import ModelConfig
+from orpo_ray.config import ConfigError, LoraConfig, ModelConfig
 from orpo_ray.tokenizer import build_byte_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes next to adapter_model.safetensors
+BASE_SUBDIR = "base"  # where an adapter export keeps base weights that exist nowhere else (e.g. 'tiny')
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -57,23 +69,86 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Ll
 
 
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The model of `cfg` (LoRA-wrapped when model.lora.enabled) and its tokenizer."""
     tokenizer = load_tokenizer(cfg)
     if cfg.name_or_path == "tiny":
-        return build_tiny_model(cfg, tokenizer), tokenizer
-    _require_local_dir(cfg.name_or_path, "model")
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path,
+        model = build_tiny_model(cfg, tokenizer)
+    else:
+        _require_local_dir(cfg.name_or_path, "model")
+        if is_adapter_dir(cfg.name_or_path):
+            if cfg.lora.enabled:
+                raise ConfigError(
+                    f"model.name_or_path={cfg.name_or_path!r} is a LoRA adapter directory; training new adapters on "
+                    "top of it is not supported: export it with export.merge_lora=true and train from the merged dir")
+            model = load_adapter_model(cfg.name_or_path, cfg)
+        else:
+            model = _load_pretrained(cfg.name_or_path, cfg)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ValueError(
+                f"model at {cfg.name_or_path} has {model.get_input_embeddings().num_embeddings} embeddings but its "
+                f"tokenizer has {len(tokenizer)} tokens"
+            )
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    return model, tokenizer
+
+
+def _load_pretrained(path: str | Path, cfg: ModelConfig) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(
+        path,
         dtype=_DTYPES[cfg.dtype],
         attn_implementation=cfg.attn_implementation,
         local_files_only=True,
         trust_remote_code=False,
     )
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise ValueError(
-            f"model at {cfg.name_or_path} has {model.get_input_embeddings().num_embeddings} embeddings but its "
-            f"tokenizer has {len(tokenizer)} tokens"
-        )
-    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+    """Wrap `model` in peft LoRA adapters on `lora.target_modules`; only adapter weights stay trainable.
+
+    peft silently skips a target name that matches nothing as long as another one matches, so a typo
+    (``q_prj``) would train fewer modules than asked for: every name must match a module here, using peft's
+    rule (the full module name, or its dotted suffix).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"model.lora.target_modules: {', '.join(repr(m) for m in missing)} matches no module of "
+            f"{type(model).__name__} (its Linear modules are named {', '.join(linear)})")
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def is_adapter_model(model: torch.nn.Module) -> bool:
+    """True for a peft-wrapped model (if peft was never imported, nothing can be one)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter_model(adapter_dir: str | Path, cfg: ModelConfig) -> torch.nn.Module:
+    """Base model + exported adapter, frozen (for eval). adapter_config.json's base_model_name_or_path is a
+    directory; a relative one (as `export_model` writes for 'tiny') is relative to the adapter directory, so the
+    export can be moved or downloaded from MLflow as a whole."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    base_dir = adapter_dir / base  # an absolute base path stays as it is
+    if not base or not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path={base!r} is not a local model directory")
+    return PeftModel.from_pretrained(_load_pretrained(base_dir, cfg), adapter_dir)
 
 
 def _require_local_dir(path: str, what: str) -> None:
@@ -92,8 +167,43 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """save_pretrained (safetensors) of model and tokenizer, loadable by plain AutoModelForCausalLM."""
+    """save_pretrained (safetensors) of model and tokenizer.
+
+    A plain model is loadable by plain AutoModelForCausalLM. A LoRA model is saved as its adapter
+    (adapter_model.safetensors + adapter_config.json); when adapter_config's base_model_name_or_path is not a
+    model directory on disk (the embedded 'tiny' model has none), the base weights go to out_dir/base and the
+    adapter config points there by the relative path "base" (`load_adapter_model` resolves it).
+    """
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if is_adapter_model(model):
+        adapter_config = out_dir / ADAPTER_CONFIG
+        settings = json.loads(adapter_config.read_text())
+        base = settings.get("base_model_name_or_path") or ""
+        if not base or not (Path(base) / "config.json").is_file():
+            _plain_copy(model, merge=False).save_pretrained(out_dir / BASE_SUBDIR, safe_serialization=True)
+            settings["base_model_name_or_path"] = BASE_SUBDIR
+            adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True))
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """The LoRA model with its adapters merged into the weights, as a plain model + tokenizer (safetensors)
+    that AutoModelForCausalLM loads without peft. `model` itself is left as it was."""
+    if not is_adapter_model(model):
+        raise TypeError(f"export_merged needs a LoRA (peft) model, got {type(model).__name__}")
+    out_dir = Path(out_dir)
+    _plain_copy(model, merge=True).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _plain_copy(model: torch.nn.Module, merge: bool) -> torch.nn.Module:
+    """A copy of the base model without adapter layers: merged (merge_and_unload) or as it was (unload).
+
+    peft does both in place; the copy keeps the trained model usable. It costs one model's memory briefly,
+    which LoRA's small optimizer state leaves room for.
+    """
+    clone = copy.deepcopy(model)
+    return clone.merge_and_unload() if merge else clone.unload()

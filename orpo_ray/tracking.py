@@ -928,8 +928,9 @@ class RunTracker:
         for name in ("config.yaml", "results.json", "history.json", "quarantine.jsonl"):
             if (out_dir / name).exists():
                 self.tracker.log_artifact(out_dir / name)
-        if (out_dir / "model").is_dir():
-            self.tracker.log_artifacts(out_dir / "model", "model")
+        for name in ("model", "merged"):  # merged: LoRA adapters folded into a plain model (export.merge_lora)
+            if (out_dir / name).is_dir():
+                self.tracker.log_artifacts(out_dir / name, name)
         self.tracker.end("FINISHED")
 
 

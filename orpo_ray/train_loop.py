@@ -25,7 +25,7 @@ from orpo_ray.engine import create_engine
 from orpo_ray.logprobs import policy_forward
 from orpo_ray.loss import orpo_loss
 from orpo_ray.metrics import TRAIN_METRIC_NAMES, MetricAverager, with_prefix, write_results
-from orpo_ray.modeling import export_model, load_model_and_tokenizer, parameter_counts
+from orpo_ray.modeling import export_merged, export_model, load_model_and_tokenizer, parameter_counts
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
 from orpo_ray.runtime import LocalRuntime, WorkerRuntime
 
@@ -89,7 +89,8 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
 
     tracker = _start_tracker(cfg, extras, is_main)
     if is_main:
-        print(f"[orpo-ray] {trainable:,}/{total:,} trainable parameters | precision {precision} ({precision_reason}) "
+        print(f"[orpo-ray] {trainable:,}/{total:,} trainable parameters{' (LoRA adapters)' if cfg.model.lora.enabled else ''}"
+              f" | precision {precision} ({precision_reason}) "
               f"| {data_stats} | {total_steps} steps of {global_batch} pairs"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
         tracker.log_params({"config": cfg.to_dict(), "data": data_stats, "precision": precision})
@@ -184,9 +185,12 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "history.json").write_text(json.dumps(history, indent=1))
-        if cfg.export.save_model:
+        if cfg.export.save_model:  # with LoRA: the adapter (+ base weights for 'tiny'), see export_model
             export_model(engine.module, tokenizer, out / "model")
             results["model_dir"] = str((out / "model").resolve())
+        if cfg.export.merge_lora:  # config validation guarantees LoRA here
+            export_merged(engine.module, tokenizer, out / "merged")
+            results["merged_dir"] = str((out / "merged").resolve())
         write_results(out / "results.json", results)
         tracker.finish(cfg, history, out)
     return results

@@ -38,12 +38,17 @@ def test_run_writes_results_and_a_loadable_model(tmp_path):
     assert model.config.vocab_size == 259
 
 
-def test_resume_keeps_the_loss_trajectory(tmp_path):
-    """Stopping after a checkpoint and re-running the same command continues exactly where it left off."""
-    _, uninterrupted = run(tmp_path, "full", "train.max_steps=6", "train.checkpoint_interval=3")
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.1"]  # dropout: RNG state must resume too
+
+
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
+def test_resume_keeps_the_loss_trajectory(tmp_path, extra):
+    """Stopping after a checkpoint and re-running the same command continues exactly where it left off
+    (with LoRA the checkpoint holds the adapters only; the frozen base is rebuilt from its source)."""
+    _, uninterrupted = run(tmp_path, "full", "train.max_steps=6", "train.checkpoint_interval=3", *extra)
     # First attempt dies right after its step-3 checkpoint (in-process we raise instead of os._exit).
     cfg = load_config("configs/demo.yaml", [*TINY, f"output_dir={tmp_path / 'resumed'}", "train.max_steps=6",
-                                            "train.checkpoint_interval=3"])
+                                            "train.checkpoint_interval=3", *extra])
     class Stop(Exception):
         pass
 
@@ -55,8 +60,11 @@ def test_resume_keeps_the_loss_trajectory(tmp_path):
 
     with pytest.raises(Stop):
         train_loop_per_worker(cfg.to_dict(), runtime=StopAfterCheckpoint(cfg))
-    results, resumed = run(tmp_path, "resumed", "train.max_steps=6", "train.checkpoint_interval=3")
+    results, resumed = run(tmp_path, "resumed", "train.max_steps=6", "train.checkpoint_interval=3", *extra)
     assert results["resumed_from_step"] == 3
+    if extra:
+        saved = torch.load(tmp_path / "resumed" / "checkpoints" / "step_3" / "engine_state.pt", weights_only=False)
+        assert saved["model"] and all("lora_" in k for k in saved["model"])
     # history.json of the resumed attempt holds steps 4..6; they must equal the uninterrupted run's.
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted[3:]), rtol=1e-6, atol=1e-7)
 

@@ -68,7 +68,7 @@ def test_launcher_gpus_cover_the_configs_worker_count():
     assert workers["min_workers"] * workers["resources"]["GPU"] >= cfg.scaling.num_workers
 
 
-@pytest.mark.parametrize("name", ["mistral7b_zero2_8gpu.yaml", "phi2_zero2_4gpu.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs/cluster").glob("*.yaml")))
 def test_gpu_configs_use_zero2_on_gpus_from_local_dirs(name):
     cfg = load_config(ROOT / "configs/cluster" / name)
     assert cfg.scaling.use_gpu and cfg.deepspeed.zero_stage == 2 and cfg.train.precision == "bf16"

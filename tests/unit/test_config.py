@@ -106,6 +106,26 @@ def test_with_absolute_paths_resolves_local_paths_only(tmp_path, monkeypatch):
     assert cfg.data.cache_dir is None
 
 
-def test_lora_is_refused_until_it_exists():
-    with pytest.raises(ConfigError, match="model.lora.enabled is not implemented"):
-        load_config(None, ["model.lora.enabled=true"])
+def test_lora_config_loads_with_llama_defaults():
+    lora = load_config(None, ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.1"]).model.lora
+    assert (lora.enabled, lora.r, lora.alpha, lora.dropout) == (True, 4, 16, 0.1)
+    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.lora.r=0", r"model\.lora\.r must be >= 1"),
+    ("model.lora.alpha=0", r"model\.lora\.alpha must be > 0"),
+    ("model.lora.dropout=1.0", r"model\.lora\.dropout must be in \[0, 1\)"),
+    ("model.lora.dropout=-0.1", r"model\.lora\.dropout must be in \[0, 1\)"),
+    ("model.lora.target_modules=[]", r"model\.lora\.target_modules must be a non-empty list"),
+    ("model.lora.target_modules=['']", r"model\.lora\.target_modules must be a non-empty list"),
+])
+def test_bad_lora_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, ["model.lora.enabled=true", override])
+
+
+def test_merge_lora_needs_lora():
+    with pytest.raises(ConfigError, match=r"export\.merge_lora=true needs model\.lora\.enabled"):
+        load_config(None, ["export.merge_lora=true"])
+    assert load_config(None, ["export.merge_lora=true", "model.lora.enabled=true"]).export.merge_lora
