@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -212,6 +213,7 @@ def run_bench(cfg: Config) -> dict:
     if cfg.train.max_steps is None or cfg.train.max_steps < 2:
         raise ValueError("bench needs train.max_steps >= 2 (the first step is warm-up and not timed)")
     hardware = hardware_summary()
+    load_before = os.getloadavg()[0]
     peak = {"fp32": matmul_gflops(cfg.bench.matmul_size, torch.float32),
             "bf16": matmul_gflops(cfg.bench.matmul_size, torch.bfloat16)}
     print(f"[bench] {hardware['cpu']} ({hardware['cpu_capability']}, {hardware['threads']} threads); "
@@ -255,7 +257,8 @@ def run_bench(cfg: Config) -> dict:
                           "batch": cfg.train.per_device_batch_size, "max_length": cfg.data.max_length,
                           "steps": cfg.train.max_steps, "timed_steps": cfg.train.max_steps - 1,
                           "nll_on_prompt": cfg.orpo.nll_on_prompt},
-              "note": "measured on a shared machine other engineers were loading; short runs (first step excluded)"}
+              "note": f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end (above 0.5 other "
+                      "work shared the cores); short runs, first step excluded, fastest of bench.repeats per leg"}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     print(_table(report), flush=True)
     return report
