@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -73,8 +74,20 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": worker_env(address)}, log_to_driver=True)
     else:
-        ray.init(runtime_env={"env_vars": worker_env()},
-                 num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
+        # A local instance: pick its GCS port here so the workers can be told the address (see worker_env).
+        port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts a head node
+        try:
+            ray.init(runtime_env={"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}")},
+                     num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------- runtime

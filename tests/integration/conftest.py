@@ -154,6 +154,28 @@ def ray_cluster(tmp_path):
         assert not leftovers, f"processes of our cluster outside its process group: {leftovers}"
 
 
+@pytest.fixture
+def local_ray_env(tmp_path):
+    """Env for a subprocess (`orpo-ray ...` without an address) that starts its own local Ray: temp HOME,
+    token file, and RAY_TMPDIR under a unique short temp dir. Afterwards no process mentioning that dir may
+    survive (the local instance ends with its driver); leftovers are killed and fail the test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")
+    env = _base_env(str(home))
+    env["RAY_TMPDIR"] = temp_dir
+    yield env
+    deadline = time.time() + 30
+    while (left := [p for p in _procs_mentioning(temp_dir) if not _is_zombie(p)]) and time.time() < deadline:
+        time.sleep(1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes of the local Ray outlived its driver: {left}"
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     """Stop only the processes of our own `ray start` session/process group."""
     pgid = proc.pid  # start_new_session=True -> pgid == pid

@@ -30,15 +30,45 @@ def _sweep_config(tmp_path, *overrides):
     return with_absolute_paths(load_config(DEMO, [*TINY, f"output_dir={tmp_path / 'sweep'}", *overrides]))
 
 
-def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(ray_cluster, tmp_path, mlflow_server):  # noqa: F811
-    """Through the CLI on a `ray start --head` cluster (with its dashboard: Ray Train's placement-group
-    cleaner needs the State API to free the resources of trials that ASHA stopped)."""
+def test_rerunning_an_interrupted_sweep_resumes_it(ray_local, tmp_path, capsys):
+    """The only trial dies at step 3 (max_failures=0): the sweep ends with an errored trial. The same command
+    again restores the Tune experiment and the trial's Train run resumes from its step-2 checkpoint; a third
+    time returns the finished sweep as it is."""
+    cfg = _sweep_config(tmp_path, "tune.beta=[0.5]", "tune.learning_rate=[]", "tune.learning_rate_min=1e-3",
+                        "tune.learning_rate_max=3e-3", "tune.asha=false",
+                        "train.max_steps=6", "train.checkpoint_interval=2", "train.fail_at_step=3",
+                        "scaling.max_failures=0")
+    first = run_sweep(cfg)
+    (failed,) = first["trials"]
+    assert failed["status"] == "error" and first["best"] is None
+    assert 1e-3 <= failed["learning_rate"] <= 3e-3  # sampled log-uniformly (tune.learning_rate: [])
+    assert (Path(failed["output_dir"]) / ".fault_injected_step_3").exists()
+
+    second = run_sweep(cfg)
+    assert "resuming the sweep" in capsys.readouterr().out
+    (trial,) = second["trials"]
+    results = json.loads((Path(trial["output_dir"]) / "results.json").read_text())
+    assert trial["status"] == "completed" and results["resumed_from_step"] == 2 and results["num_steps"] == 6
+    # The same trial (id, sampled learning rate, directory), not a new one.
+    assert [trial[k] for k in ("trial_id", "learning_rate", "output_dir")] == \
+        [failed[k] for k in ("trial_id", "learning_rate", "output_dir")]
+    assert second["best"]["trial_id"] == failed["trial_id"]
+
+    third = run_sweep(cfg)
+    assert "already holds this finished sweep" in capsys.readouterr().out
+    assert third["best"] == json.loads(json.dumps(second["best"]))
+
+
+def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(local_ray_env, tmp_path, mlflow_server):  # noqa: F811
+    """`orpo-ray tune` as a user runs it: it starts its own local Ray (with the dashboard - Ray Train's
+    placement-group cleaner needs its State API to free the CPUs of trials ASHA stopped), here while the
+    test session's Ray runs too (two instances on one machine: the workers must be told their cluster's
+    address, or the cleaner fails and the next trial waits for CPUs forever)."""
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "orpo_ray.cli", "tune", DEMO, *TINY, *SWEEP, f"output_dir={out}",
-           f"scaling.address={ray_cluster['address']}", "tracking.enabled=true",
-           f"tracking.mlflow_uri={mlflow_server.uri}", "tracking.experiment=sweep-test"]
+           "tracking.enabled=true", f"tracking.mlflow_uri={mlflow_server.uri}", "tracking.experiment=sweep-test"]
     start = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, env=ray_cluster["env"], capture_output=True, text=True, timeout=1200)
+    p = subprocess.run(cmd, cwd=ROOT, env=local_ray_env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     summary = json.loads((out / "tune_results.json").read_text())
     print(f"\nsweep of {len(summary['trials'])} trials: {time.perf_counter() - start:.0f} s end to end "
@@ -94,27 +124,3 @@ def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(ray_cluster, tmp
     assert parent.data.tags["best_trial"] == best["trial_id"]
     assert parent.data.metrics["best/eval_nll_loss"] == pytest.approx(best["metrics"]["eval_nll_loss"])
     assert parent.info.status == "FINISHED"
-
-
-def test_rerunning_an_interrupted_sweep_resumes_it(ray_local, tmp_path, capsys):
-    """The only trial dies at step 3 (max_failures=0): the sweep ends with an errored trial. The same command
-    again restores the Tune experiment and the trial's Train run resumes from its step-2 checkpoint; a third
-    time returns the finished sweep as it is."""
-    cfg = _sweep_config(tmp_path, "tune.beta=[0.5]", "tune.learning_rate=[3e-3]", "tune.asha=false",
-                        "train.max_steps=6", "train.checkpoint_interval=2", "train.fail_at_step=3",
-                        "scaling.max_failures=0")
-    first = run_sweep(cfg)
-    (trial,) = first["trials"]
-    assert trial["status"] == "error" and first["best"] is None
-    assert (Path(trial["output_dir"]) / ".fault_injected_step_3").exists()
-
-    second = run_sweep(cfg)
-    assert "resuming the sweep" in capsys.readouterr().out
-    (trial,) = second["trials"]
-    results = json.loads((Path(trial["output_dir"]) / "results.json").read_text())
-    assert trial["status"] == "completed" and results["resumed_from_step"] == 2 and results["num_steps"] == 6
-    assert second["best"]["trial_id"] == first["trials"][0]["trial_id"]  # the same trial, not a new one
-
-    third = run_sweep(cfg)
-    assert "already holds this finished sweep" in capsys.readouterr().out
-    assert third["best"] == json.loads(json.dumps(second["best"]))
