@@ -33,6 +33,8 @@ class PolicyOutputs:
 
     chosen_logps / rejected_logps: [B] fp32, differentiable; mean log p over each response's tokens.
     nll: 0-d fp32, differentiable; token-mean NLL of the chosen rows (response only, or prompt+response).
+    nll_tokens: 0-d fp32, detached; how many tokens that mean is over (``nll_target_mask(...).sum()``), so
+        means over several micro-batches or ranks can be pooled by token (see ``loss.step_nll_weights``).
     chosen_logits_mean / rejected_logits_mean: 0-d fp32, detached; mean logit over response positions x vocab
         (for logging only, TRL's ``logits/chosen`` / ``logits/rejected``).
     """
@@ -42,6 +44,7 @@ class PolicyOutputs:
     nll: Tensor
     chosen_logits_mean: Tensor
     rejected_logits_mean: Tensor
+    nll_tokens: Tensor | None = None
 
 
 class TokenStats(NamedTuple):
@@ -150,18 +153,34 @@ def full_logits_token_stats(model: torch.nn.Module, batch: Mapping[str, Tensor])
     return TokenStats(token_logps(logits, batch["input_ids"]), logit_sums, logits.shape[-1])
 
 
+def _target_response_mask(batch: Mapping[str, Tensor]) -> Tensor:
+    """[2B, T] bool: response tokens that are targets (position 0 has no preceding logits, whatever the masks say)."""
+    response = batch["response_mask"].bool().clone()
+    response[:, 0] = False
+    return response
+
+
+def nll_target_mask(batch: Mapping[str, Tensor], nll_on_prompt: bool = False) -> Tensor:
+    """[B, T] bool: the chosen rows' tokens the SFT NLL averages over (the response, or every real token from
+    position 1 with ``nll_on_prompt``). Needs only the masks, so a step can count its tokens before any forward."""
+    b = int(batch["num_pairs"])
+    if not nll_on_prompt:
+        return _target_response_mask(batch)[:b]
+    mask = batch["attention_mask"][:b].bool().clone()
+    mask[:, 0] = False
+    return mask
+
+
 def outputs_from_token_stats(
     stats: TokenStats, batch: Mapping[str, Tensor], nll_on_prompt: bool = False
 ) -> PolicyOutputs:
     """Reduce per-token stats to ``PolicyOutputs`` using the batch masks (see module docstring for the layout)."""
     b = int(batch["num_pairs"])
-    not_first = torch.ones_like(batch["response_mask"], dtype=torch.bool)
-    not_first[:, 0] = False  # position 0 has no preceding logits, whatever the masks say
-    response = batch["response_mask"].bool() & not_first
+    response = _target_response_mask(batch)
 
     seq_logps = masked_mean(stats.logps, response, dim=-1)
     # NLL is pooled over tokens (not a mean of per-row means), as cross-entropy over the chosen rows would be.
-    nll_mask = (batch["attention_mask"][:b].bool() & not_first[:b]) if nll_on_prompt else response[:b]
+    nll_mask = nll_target_mask(batch, nll_on_prompt)
     nll = -masked_mean(stats.logps[:b], nll_mask, dim=None)
 
     def logits_mean(rows: slice) -> Tensor:
@@ -173,6 +192,7 @@ def outputs_from_token_stats(
         nll=nll,
         chosen_logits_mean=logits_mean(slice(0, b)),
         rejected_logits_mean=logits_mean(slice(b, None)),
+        nll_tokens=nll_mask.sum().to(torch.float32),
     )
 
 

@@ -78,16 +78,36 @@ def odds_ratio_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor) -> T
     return -F.logsigmoid(log_odds_ratio(chosen_mean_logps, rejected_mean_logps))
 
 
-def orpo_loss(out: PolicyOutputs, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_ORPO = nll + beta * mean(L_OR) and detached fp32 0-d metrics under TRL's names.
+def step_nll_weights(micro_batch_tokens: list[float], step_tokens: float, micro_batches_in_step: int) -> list[float]:
+    """Weights that turn per-micro-batch token-mean NLLs into the token mean of the whole optimizer step.
+
+    A step averages its losses over ``micro_batches_in_step`` = gradient accumulation steps x ranks (DeepSpeed and
+    DDP divide by both). Averaging per-micro-batch token means would weight a token in a short micro-batch more
+    than one in a long micro-batch, so 2 ranks x 4 pairs would not train like 1 rank x 8 (and accumulation would
+    not equal a bigger batch). With weight_i = n_i * M / N (n_i: this micro-batch's NLL tokens, N: the step's, over
+    all ranks), mean_i(weight_i * nll_i) = sum_i(n_i * nll_i) / N: the token mean over the step, exactly.
+    The weights average to 1, so the NLL keeps its scale. The odds-ratio term is a per-pair mean and needs no
+    weighting: every micro-batch of a training step holds the same number of pairs.
+    """
+    if step_tokens <= 0:
+        return [1.0] * len(micro_batch_tokens)
+    return [n * micro_batches_in_step / step_tokens for n in micro_batch_tokens]
+
+
+def orpo_loss(out: PolicyOutputs, beta: float, nll_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_ORPO = nll_weight * nll + beta * mean(L_OR) and detached fp32 0-d metrics under TRL's names.
 
     beta: weight of the odds-ratio term (the paper's lambda; TRL's default 0.1). beta = 0 is plain SFT.
+    nll_weight: 1 for one batch on its own; in training, this micro-batch's share of the step's NLL tokens
+        (``step_nll_weights``), so the NLL is a token mean over the whole optimizer step. ``nll_loss`` is logged
+        weighted too: its mean over the step's micro-batches is then the step's token-mean NLL.
     Returns (loss, metrics); metric names are ``metrics.TRAIN_METRIC_NAMES``.
     """
     chosen, rejected = out.chosen_logps.float(), out.rejected_logps.float()
     ratio = log_odds_ratio(chosen, rejected)
     log_sig = F.logsigmoid(ratio)  # = -L_OR, logged as ``log_odds_ratio`` like TRL
-    loss = out.nll.float() + beta * (-log_sig).mean()
+    nll = out.nll.float() * nll_weight
+    loss = nll + beta * (-log_sig).mean()
 
     with torch.no_grad():
         # Accuracy compares the log-probs, not beta * log-probs, so it stays meaningful at beta = 0.
@@ -100,7 +120,7 @@ def orpo_loss(out: PolicyOutputs, beta: float) -> tuple[Tensor, dict[str, Tensor
             "logps/rejected": rejected.mean(),
             "logits/chosen": out.chosen_logits_mean,
             "logits/rejected": out.rejected_logits_mean,
-            "nll_loss": out.nll,
+            "nll_loss": nll,
             "log_odds_ratio": log_sig.mean(),
             "log_odds_chosen": ratio.mean(),
             "loss": loss,

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from orpo_ray.config import Config, config_from_dict
 from orpo_ray.efficiency import make_collate, make_token_stats
 from orpo_ray.engine import create_engine
-from orpo_ray.logprobs import policy_forward
-from orpo_ray.loss import orpo_loss
+from orpo_ray.logprobs import nll_target_mask, policy_forward
+from orpo_ray.loss import orpo_loss, step_nll_weights
 from orpo_ray.metrics import TRAIN_METRIC_NAMES, MetricAverager, with_prefix, write_results
 from orpo_ray.modeling import export_merged, export_model, load_model_and_tokenizer, parameter_counts
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
@@ -111,13 +111,18 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         engine.model.train()
-        step_tokens = 0
-        for _ in range(t.gradient_accumulation_steps):
-            batch = _to_device(collate(next(micro_iter)), runtime.device)
-            step_tokens += int(batch["attention_mask"].sum())
+        micro_batches = [_to_device(collate(next(micro_iter)), runtime.device)
+                         for _ in range(t.gradient_accumulation_steps)]
+        step_tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+        # The NLL is a token mean over the whole step (all micro-batches, all ranks), so the trajectory does not
+        # depend on how the global batch is split; the masks give the token counts before any forward pass.
+        nll_tokens = [float(nll_target_mask(batch, cfg.orpo.nll_on_prompt).sum()) for batch in micro_batches]
+        step_nll_tokens = float(runtime.all_reduce_sum(torch.tensor([sum(nll_tokens)], dtype=torch.float64))[0])
+        nll_weights = step_nll_weights(nll_tokens, step_nll_tokens, len(micro_batches) * runtime.world_size)
+        for batch, nll_weight in zip(micro_batches, nll_weights):
             with autocast_context(precision, runtime.device):
                 out = policy_forward(engine.model, batch, cfg.orpo.nll_on_prompt, token_stats=token_stats)
-            loss, metrics = orpo_loss(out, cfg.orpo.beta)
+            loss, metrics = orpo_loss(out, cfg.orpo.beta, nll_weight)
             engine.backward(loss)
             engine.step()  # DeepSpeed semantics: only updates at the accumulation boundary
             window.add(metrics)
@@ -198,7 +203,11 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
 
 @torch.no_grad()
 def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id: int) -> dict:
-    """ORPO loss and metrics on this rank's eval rows, averaged over ranks, with the `eval_` prefix."""
+    """ORPO loss and metrics on this rank's eval rows, averaged over ranks, with the `eval_` prefix.
+
+    Per-pair metrics are means over pairs and the NLL a mean over tokens, both over the whole eval set, so the
+    figures do not depend on the batch size or the number of ranks; `eval_loss` is assembled from those parts.
+    """
     model.eval()
     averager = MetricAverager()
     batches = runtime.eval_batches()
@@ -210,8 +219,13 @@ def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id:
         with autocast_context(precision, runtime.device):
             out = policy_forward(model, batch, cfg.orpo.nll_on_prompt, token_stats=token_stats)
         _, metrics = orpo_loss(out, cfg.orpo.beta)
+        nll, _ = metrics.pop("nll_loss"), metrics.pop("loss")
         averager.add(metrics, weight=batch["num_pairs"])  # the last eval batch may be short
-    return with_prefix(reduce_metrics(averager, runtime), "eval_")
+        averager.add({"nll_loss": nll}, weight=float(out.nll_tokens))
+    reduced = reduce_metrics(averager, runtime)
+    # log_odds_ratio is mean(log sigmoid(ratio)) = -mean(L_OR), so this is L_SFT + beta * mean(L_OR) again.
+    reduced["loss"] = reduced["nll_loss"] - cfg.orpo.beta * reduced["log_odds_ratio"]
+    return with_prefix(reduced, "eval_")
 
 
 def reduce_metrics(averager: MetricAverager, runtime: WorkerRuntime) -> dict:

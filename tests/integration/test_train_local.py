@@ -90,3 +90,17 @@ def test_bad_rows_are_quarantined_not_fatal(tmp_path):
     assert results["quarantined"] == 4  # two bad rows, counted once for train and once for eval
     lines = [json.loads(line) for line in (tmp_path / "bad" / "quarantine.jsonl").read_text().splitlines()]
     assert {(q["row"], q["reason"].split(":")[0]) for q in lines} == {(13, "invalid JSON"), (14, "field 'chosen' is int, expected str")}
+
+
+def test_gradient_accumulation_trains_like_the_whole_batch(tmp_path):
+    """4 pairs x 2 accumulation steps = 8 pairs at once: same losses (the NLL is pooled over the step's tokens,
+    not averaged per micro-batch) and the same eval figures (pooled over the eval set, whatever its batching)."""
+    steps = ["train.max_steps=4", "train.eval_interval=4"]
+    whole, whole_losses = run(tmp_path, "whole", *steps)
+    accum, accum_losses = run(tmp_path, "accum", *steps, "train.per_device_batch_size=4",
+                              "train.gradient_accumulation_steps=2")
+    assert accum["global_batch_pairs"] == whole["global_batch_pairs"] == 8
+    assert len(set(whole_losses)) == 4  # it trains
+    torch.testing.assert_close(torch.tensor(accum_losses), torch.tensor(whole_losses), rtol=1e-5, atol=1e-7)
+    for key in ("eval_loss", "eval_nll_loss", "eval_logps/chosen", "eval_rewards/accuracies"):
+        assert accum["eval"][key] == pytest.approx(whole["eval"][key], rel=1e-5), key

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpo_ray.logprobs import masked_mean, policy_forward, token_logps
-from orpo_ray.loss import orpo_loss
+from orpo_ray.logprobs import masked_mean, nll_target_mask, policy_forward, token_logps
+from orpo_ray.loss import orpo_loss, step_nll_weights
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
@@ -166,6 +166,30 @@ def test_gradients_reach_the_model():
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+def test_split_step_gives_the_gradient_of_the_whole_batch(nll_on_prompt):
+    """Micro-batches of unequal NLL token counts, weighted by step_nll_weights and averaged as an engine averages
+    accumulation steps and ranks, give the loss and gradient of one batch holding all the pairs."""
+    beta = 0.25
+    whole_model, split_model = tiny_llama(), tiny_llama()
+    whole, _ = orpo_loss(policy_forward(whole_model, make_batch(PAIRS[:2]), nll_on_prompt), beta)
+    whole.backward()
+
+    parts = [make_batch(PAIRS[:1]), make_batch(PAIRS[1:2])]  # 3 and 5 chosen response tokens
+    counts = [float(nll_target_mask(b, nll_on_prompt).sum()) for b in parts]
+    assert counts[0] != counts[1]
+    split = 0.0
+    for batch, weight in zip(parts, step_nll_weights(counts, sum(counts), len(parts))):
+        out = policy_forward(split_model, batch, nll_on_prompt)
+        assert float(out.nll_tokens) == nll_target_mask(batch, nll_on_prompt).sum()
+        loss, _ = orpo_loss(out, beta, weight)
+        (loss / len(parts)).backward()
+        split += loss.item() / len(parts)
+    assert split == pytest.approx(whole.item(), rel=1e-6)
+    for (name, a), b in zip(whole_model.named_parameters(), split_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def _trl_reference(logits: torch.Tensor, batch: dict, beta: float) -> tuple[float, dict[str, float]]:

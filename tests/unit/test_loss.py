@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orpo_ray.logprobs import PolicyOutputs
-from orpo_ray.loss import MAX_MEAN_LOGP, log1mexp, log_odds, odds_ratio_loss, orpo_loss
+from orpo_ray.loss import MAX_MEAN_LOGP, log1mexp, log_odds, odds_ratio_loss, orpo_loss, step_nll_weights
 from orpo_ray.metrics import TRAIN_METRIC_NAMES
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -171,3 +171,16 @@ def test_fuzz_extreme_inputs_stay_finite(seed, beta):
     assert torch.isfinite(per_example).all() and (per_example >= 0).all()
     # equal pairs: L_OR = -log sigmoid(0) = ln 2
     torch.testing.assert_close(per_example[:20], torch.full((20,), math.log(2.0)))
+
+
+def test_step_nll_weights_hand_worked():
+    # Two micro-batches with 2 and 6 NLL tokens and token-mean NLLs 1.0 and 3.0: the step's token mean is
+    # (2 * 1.0 + 6 * 3.0) / 8 = 2.5, while the plain mean of the two means would be 2.0.
+    weights = step_nll_weights([2.0, 6.0], 8.0, 2)
+    assert weights == [0.5, 1.5]
+    nlls = [1.0, 3.0]
+    losses = [orpo_loss(_outputs([-1.0], [-2.0], nll=n), beta=0.0, nll_weight=w)[1]["nll_loss"] for n, w in zip(nlls, weights)]
+    assert float(sum(losses)) / 2 == pytest.approx(2.5)
+    # Across ranks the step's token count is the all-reduced one: this rank's 2 + 6 of 16, four micro-batches.
+    assert step_nll_weights([2.0, 6.0], 16.0, 4) == [0.5, 1.5]
+    assert step_nll_weights([0.0], 0.0, 1) == [1.0]  # an empty step cannot divide by zero
