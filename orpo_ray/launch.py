@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from orpo_ray import ONEDNN_CACHE_ENV
 from orpo_ray.config import Config, ConfigError, with_absolute_paths
 from orpo_ray.ray_data import micro_batches_per_epoch, rank_micro_batches, window_rows
 from orpo_ray.train_loop import RUN_EXTRAS_KEY, train_loop_per_worker
@@ -43,12 +44,13 @@ RUN_STATE_FILE = "orpo_run.json"  # next to Ray's checkpoints: {"config": ..., "
 
 # ------------------------------------------------------------------------------------------- ray session
 def worker_env(address: str | None = None) -> dict:
-    """Environment for Ray workers: DeepSpeed on CPU, a persistent cache for its JIT-built comm op, and the
-    cluster's address. Without RAY_ADDRESS, Ray's State API inside a worker scans the machine for clusters and
+    """Environment for Ray workers: DeepSpeed on CPU, a persistent cache for its JIT-built comm op, the bounded
+    oneDNN primitive cache, and the cluster's address. Without RAY_ADDRESS, Ray's State API inside a worker scans the machine for clusters and
     fails when there are several ("Found multiple active Ray instances"); Ray Train's placement-group cleaner
     uses it to free the resources of a Train run whose controller died (a Tune trial ASHA stopped), so the
     next trial would wait for CPUs forever."""
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env[ONEDNN_CACHE_ENV] = os.environ[ONEDNN_CACHE_ENV]  # from process start (see orpo_ray/__init__.py)
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_ray_torch_extensions"))
     if address and address != "auto" and "://" not in address:

@@ -43,3 +43,22 @@ def test_autocast_context_only_casts_for_bf16():
 def test_hardware_summary_names_the_cpu():
     summary = precision.hardware_summary()
     assert summary["cpu"] and summary["cpu_capability"]
+
+
+def _onednn_capacity_after_import(env: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, orpo_ray; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_importing_orpo_ray_bounds_the_onednn_primitive_cache_unless_the_user_set_it():
+    """oneDNN's default 1,024-entry cache grew the RSS by GBs on shape-varying packed batches (README, Memory)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    assert _onednn_capacity_after_import(env) == "64"
+    assert _onednn_capacity_after_import({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}) == "16"

@@ -123,3 +123,6 @@ def test_workers_get_the_cluster_address_so_the_state_api_finds_their_cluster():
     assert worker_env("127.0.0.1:6379")["RAY_ADDRESS"] == "127.0.0.1:6379"
     assert "RAY_ADDRESS" not in worker_env(None) and "RAY_ADDRESS" not in worker_env("auto")
     assert worker_env(None)["DS_ACCELERATOR"]
+    import os
+
+    assert worker_env(None)["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
