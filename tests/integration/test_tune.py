@@ -1,5 +1,5 @@
-"""`orpo-ray tune` on real Ray: a 2 λ x 2 learning-rate sweep submitted to a `ray start --head` cluster into a
-live `mlflow server`, with ASHA; and re-running an interrupted sweep (Tuner.restore + Ray Train resume)."""
+"""`orpo-ray tune` on real Ray: a 2 λ x 2 learning-rate sweep run by the CLI (its own local Ray) into a live
+`mlflow server`, with ASHA; and re-running an interrupted sweep (Tuner.restore + Ray Train resume)."""
 
 from __future__ import annotations
 
