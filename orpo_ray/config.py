@@ -11,6 +11,7 @@ Pure module: no ray, no deepspeed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,10 @@ class TrainConfig:
         None, "Fault injection for tests: worker rank 0 exits at this step on its first attempt."
     )
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of a run: max_steps, else `epochs` passes of `steps_per_epoch` (at least 1)."""
+        return self.max_steps or max(1, math.ceil(steps_per_epoch * self.epochs))
+
 
 # ---------------------------------------------------------------------------------------- efficiency
 @dataclass
@@ -317,10 +322,10 @@ class Config:
         if not 0 < u.learning_rate_min < u.learning_rate_max:
             raise ConfigError(f"{where}: tune.learning_rate_min ({u.learning_rate_min}) must be > 0 and < "
                               f"tune.learning_rate_max ({u.learning_rate_max})")
-        for key in ("num_samples", "max_concurrent_trials", "asha_grace_period", "asha_reduction_factor"):
-            if getattr(u, key) < 1 + (key == "asha_reduction_factor"):
-                raise ConfigError(f"{where}: tune.{key} must be >= {1 + (key == 'asha_reduction_factor')}, "
-                                  f"got {getattr(u, key)}")
+        minimum = {"num_samples": 1, "max_concurrent_trials": 1, "asha_grace_period": 1, "asha_reduction_factor": 2}
+        for key, least in minimum.items():
+            if getattr(u, key) < least:
+                raise ConfigError(f"{where}: tune.{key} must be >= {least}, got {getattr(u, key)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -45,8 +45,8 @@ RUN_STATE_FILE = "orpo_run.json"  # next to Ray's checkpoints: {"config": ..., "
 # ------------------------------------------------------------------------------------------- ray session
 def worker_env(address: str | None = None) -> dict:
     """Environment for Ray workers: DeepSpeed on CPU, a persistent cache for its JIT-built comm op, the bounded
-    oneDNN primitive cache, and the cluster's address. Without RAY_ADDRESS, Ray's State API inside a worker scans the machine for clusters and
-    fails when there are several ("Found multiple active Ray instances"); Ray Train's placement-group cleaner
+    oneDNN primitive cache, and the cluster's address. Without RAY_ADDRESS, Ray's State API inside a worker scans
+    the machine for clusters and fails when there are several ("Found multiple active Ray instances"); Ray Train's placement-group cleaner
     uses it to free the resources of a Train run whose controller died (a Tune trial ASHA stopped), so the
     next trial would wait for CPUs forever."""
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
@@ -228,24 +228,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def previous_run(cfg: Config) -> dict | None:
-    """State of an earlier run in this output_dir/storage, or None. Raises if its config differs."""
-    state_file = Path(storage_path(cfg)) / run_name(cfg) / RUN_STATE_FILE
+def read_state(state_file: Path, cfg: Config, what: str) -> dict | None:
+    """What `save_state` wrote for an earlier `what` ("run", "sweep") of this output_dir, or None.
+    Raises ConfigError naming the keys if its config differs: re-running resumes only the same one."""
     if not state_file.exists():
         return None
     state = json.loads(state_file.read_text())
     changed = changed_keys(cfg, state["config"])
     if changed:
         raise ConfigError(
-            f"{cfg.output_dir} holds a run with a different config ({', '.join(changed[:8])}); re-running resumes "
-            "only the same run - use a new output_dir (or delete this one) to train with other settings")
+            f"{cfg.output_dir} holds a {what} with a different config ({', '.join(changed[:8])}); re-running resumes "
+            f"only the same {what} - use a new output_dir (or delete this one) to train with other settings")
     return state
 
 
-def _save_run_state(cfg: Config, completed: bool) -> None:
-    state_file = Path(storage_path(cfg)) / run_name(cfg) / RUN_STATE_FILE
+def save_state(state_file: Path, cfg: Config, **fields) -> None:
+    """{"config": run_identity(cfg), **fields} as JSON: how `read_state` recognises the same run later."""
     state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"config": run_identity(cfg), "completed": completed}, indent=1, default=str))
+    state_file.write_text(json.dumps({"config": run_identity(cfg), **fields}, indent=1, default=str))
+
+
+def _run_state_file(cfg: Config) -> Path:
+    return Path(storage_path(cfg)) / run_name(cfg) / RUN_STATE_FILE
 
 
 def make_trainer(cfg: Config, datasets: dict, extras: dict, *, callbacks=None):
@@ -296,7 +300,7 @@ def finished_results(cfg: Config) -> dict | None:
     """results.json of an earlier, finished run of this config in this output_dir (None: train it).
     Raises ConfigError if the output_dir holds a run with another config."""
     results_file = Path(cfg.output_dir) / "results.json"
-    state = previous_run(cfg)
+    state = read_state(_run_state_file(cfg), cfg, "run")
     if state and state["completed"] and results_file.exists():
         print(f"[orpo-ray] {cfg.output_dir} already holds this finished run; nothing to do "
               "(use a new output_dir to train again)", flush=True)
@@ -306,7 +310,7 @@ def finished_results(cfg: Config) -> dict | None:
 
 def fit_run(cfg: Config, datasets: dict, extras: dict, *, callbacks=None) -> dict:
     """Fit one Ray Train run on already tokenized datasets (resuming its latest checkpoint, if any)."""
-    _save_run_state(cfg, completed=False)
+    save_state(_run_state_file(cfg), cfg, completed=False)
     make_trainer(cfg, datasets, extras, callbacks=callbacks).fit()
-    _save_run_state(cfg, completed=True)
+    save_state(_run_state_file(cfg), cfg, completed=True)
     return json.loads((Path(cfg.output_dir) / "results.json").read_text())

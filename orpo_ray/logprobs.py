@@ -33,8 +33,6 @@ class PolicyOutputs:
 
     chosen_logps / rejected_logps: [B] fp32, differentiable; mean log p over each response's tokens.
     nll: 0-d fp32, differentiable; token-mean NLL of the chosen rows (response only, or prompt+response).
-    nll_tokens: 0-d fp32, detached; how many tokens that mean is over (``nll_target_mask(...).sum()``), so
-        means over several micro-batches or ranks can be pooled by token (see ``loss.step_nll_weights``).
     chosen_logits_mean / rejected_logits_mean: 0-d fp32, detached; mean logit over response positions x vocab
         (for logging only, TRL's ``logits/chosen`` / ``logits/rejected``).
     """
@@ -44,7 +42,6 @@ class PolicyOutputs:
     nll: Tensor
     chosen_logits_mean: Tensor
     rejected_logits_mean: Tensor
-    nll_tokens: Tensor | None = None
 
 
 class TokenStats(NamedTuple):
@@ -192,7 +189,6 @@ def outputs_from_token_stats(
         nll=nll,
         chosen_logits_mean=logits_mean(slice(0, b)),
         rejected_logits_mean=logits_mean(slice(b, None)),
-        nll_tokens=nll_mask.sum().to(torch.float32),
     )
 
 

@@ -33,7 +33,7 @@ def evaluations_per_trial(cfg: Config, train_pairs: int) -> int:
     last step (the training loop's rule)."""
     t = cfg.train
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * cfg.scaling.num_workers
-    steps = t.max_steps or max(1, math.ceil(train_pairs // global_batch * t.epochs))
+    steps = t.total_steps(train_pairs // global_batch)
     return steps // t.eval_interval + (steps % t.eval_interval > 0) if t.eval_interval else 1
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import resource
 import sys
@@ -65,7 +64,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             f"per_device_batch_size={t.per_device_batch_size} x gradient_accumulation_steps="
             f"{t.gradient_accumulation_steps} x {runtime.world_size} workers"
         )
-    total_steps = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
+    total_steps = t.total_steps(per_epoch)
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * runtime.world_size
 
     engine = create_engine(
@@ -224,7 +223,7 @@ def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id:
         _, metrics = orpo_loss(out, cfg.orpo.beta)
         nll, _ = metrics.pop("nll_loss"), metrics.pop("loss")
         averager.add(metrics, weight=batch["num_pairs"])  # the last eval batch may be short
-        averager.add({"nll_loss": nll}, weight=float(out.nll_tokens))
+        averager.add({"nll_loss": nll}, weight=float(nll_target_mask(batch, cfg.orpo.nll_on_prompt).sum()))
     reduced = reduce_metrics(averager, runtime)
     # log_odds_ratio is mean(log sigmoid(ratio)) = -mean(L_OR), so this is L_SFT + beta * mean(L_OR) again.
     reduced["loss"] = reduced["nll_loss"] - cfg.orpo.beta * reduced["log_odds_ratio"]

@@ -30,8 +30,8 @@ from pathlib import Path
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orpo_ray.config import Config, ConfigError, config_from_dict, with_absolute_paths
-from orpo_ray.launch import changed_keys, ensure_ray, fit_run, run_identity
+from orpo_ray.config import Config, config_from_dict, with_absolute_paths
+from orpo_ray.launch import ensure_ray, fit_run, read_state, save_state
 from orpo_ray.sweep import (best_trial, check_metric, evaluations_per_trial, format_table, lambda_rows,
                             trial_config, trial_dir_name, trial_row)
 
@@ -78,7 +78,7 @@ def run_sweep(cfg: Config) -> dict:
     cfg = with_absolute_paths(cfg)
     check_metric(cfg)
     out = Path(cfg.output_dir)
-    state = _previous_sweep(cfg)
+    state = read_state(out / SWEEP_STATE_FILE, cfg, "sweep") or {}
     if state.get("completed") and (out / RESULTS_FILE).exists():
         print(f"[orpo-ray tune] {out} already holds this finished sweep; nothing to do "
               "(use a new output_dir to sweep again)", flush=True)
@@ -95,7 +95,7 @@ def run_sweep(cfg: Config) -> dict:
             parent.start(experiment, run_name=cfg.tracking.run_name or f"sweep {out.name}",
                          tags={"kind": "sweep", "output_dir": str(out)})
             parent.log_params({"config": cfg.to_dict(), "data": data_stats})
-        _save_state(cfg, parent.run_id, completed=False)
+        save_state(out / SWEEP_STATE_FILE, cfg, mlflow_parent_run_id=parent.run_id, completed=False)
 
         tuner = _tuner(cfg, datasets, {"data_stats": data_stats, "mlflow_uri": uri,
                                        "mlflow_parent_run_id": parent.run_id}, data_stats["train_pairs"])
@@ -112,7 +112,8 @@ def run_sweep(cfg: Config) -> dict:
         summary = _summarize(cfg, rows, data_stats, time.perf_counter() - started, parent.run_id)
         _log_summary(parent, cfg, summary)
     # A sweep with failed trials is not finished: re-running it resumes them (Tuner.restore, resume_errored).
-    _save_state(cfg, summary["mlflow_parent_run_id"], completed=not any(r["status"] == "error" for r in rows))
+    save_state(out / SWEEP_STATE_FILE, cfg, mlflow_parent_run_id=summary["mlflow_parent_run_id"],
+               completed=not any(r["status"] == "error" for r in rows))
     return summary
 
 
@@ -193,23 +194,3 @@ def _log_summary(parent, cfg: Config, summary: dict) -> None:
                          "best_learning_rate": best["learning_rate"], "best_run_id": best["mlflow_run_id"] or ""})
         if best["mlflow_run_id"]:
             parent.set_tags({"orpo.best_trial": "true"}, run_id=best["mlflow_run_id"])
-
-
-def _previous_sweep(cfg: Config) -> dict:
-    """State of an earlier sweep in this output_dir ({} if none). Raises if its config differs."""
-    state_file = Path(cfg.output_dir) / SWEEP_STATE_FILE
-    if not state_file.exists():
-        return {}
-    state = json.loads(state_file.read_text())
-    changed = changed_keys(cfg, state["config"])
-    if changed:
-        raise ConfigError(f"{cfg.output_dir} holds a sweep with a different config ({', '.join(changed[:8])}); "
-                          "re-running resumes only the same sweep - use a new output_dir")
-    return state
-
-
-def _save_state(cfg: Config, parent_run_id: str | None, completed: bool) -> None:
-    state = {"config": run_identity(cfg), "mlflow_parent_run_id": parent_run_id, "completed": completed}
-    path = Path(cfg.output_dir) / SWEEP_STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=1, default=str))

@@ -126,3 +126,20 @@ def test_workers_get_the_cluster_address_so_the_state_api_finds_their_cluster():
     import os
 
     assert worker_env(None)["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+
+
+def test_saved_state_recognises_the_same_run_and_refuses_another(tmp_path):
+    """The state file that lets a re-run resume (train runs and sweeps alike): same config -> the saved fields;
+    a changed key -> ConfigError naming it; volatile keys (tracking, scaling.address ...) may change."""
+    from orpo_ray.launch import read_state, save_state
+
+    state_file = tmp_path / "state.json"
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    assert read_state(state_file, cfg, "sweep") is None
+    save_state(state_file, cfg, mlflow_parent_run_id="abc", completed=False)
+    assert read_state(state_file, cfg, "sweep") == {**json.loads(state_file.read_text()),
+                                                    "mlflow_parent_run_id": "abc", "completed": False}
+    assert read_state(state_file, load_config(None, [f"output_dir={tmp_path}", "tracking.enabled=false"]),
+                      "sweep")["completed"] is False
+    with pytest.raises(ConfigError, match=r"holds a sweep with a different config \(orpo\.beta\)"):
+        read_state(state_file, load_config(None, [f"output_dir={tmp_path}", "orpo.beta=0.5"]), "sweep")
