@@ -5,6 +5,7 @@ Commands:
   tune         sweep λ and the learning rate with Ray Tune (each trial a Ray Train run)
   eval         evaluate a trained model on held-out pairs
   bench        benchmark against TRL's ORPOTrainer
+  evidence     SFT (λ = 0) vs ORPO on the same data: plots, table, MLflow parent + child runs
   data-report  what is in the data before you train on it
   config       print every config key with its default and meaning
 """
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--local", action="store_true", help="run the loop in this process (1 worker, no Ray)")
     for name, help_text in (("tune", "sweep λ x learning rate with Ray Tune"), ("eval", "evaluate a model"),
-                            ("bench", "benchmark against TRL"), ("data-report", "report on the data")):
+                            ("bench", "benchmark against TRL"), ("data-report", "report on the data"),
+                            ("evidence", "SFT vs ORPO evidence runs")):
         _add_config_args(sub.add_parser(name, help=help_text))
     sub.add_parser("config", help="list every config key, its default and meaning")
     return parser
@@ -64,28 +66,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             if args.local:
-                from orpo_ray.train_loop import train_loop_per_worker
+                from orpo_ray.train.loop import train_loop_per_worker
 
                 results = train_loop_per_worker(cfg.to_dict())
             else:
-                from orpo_ray.launch import run_training
+                from orpo_ray.launch.trainer import run_training
 
                 results = run_training(cfg)
             _print_summary(results)
         elif args.command == "tune":
-            from orpo_ray.tune import run_sweep
+            from orpo_ray.launch.tune import run_sweep
 
             run_sweep(cfg)
         elif args.command == "eval":
-            from orpo_ray.evaluate import run_eval
+            from orpo_ray.commands.eval import run_eval
 
             _print_summary(run_eval(cfg))
         elif args.command == "bench":
-            from orpo_ray.bench import run_bench
+            from orpo_ray.commands.bench import run_bench
 
             run_bench(cfg)
+        elif args.command == "evidence":
+            from orpo_ray.commands.evidence import run_evidence
+
+            run_evidence(cfg, command=" ".join(["orpo-ray", *(argv if argv is not None else sys.argv[1:])]))
         elif args.command == "data-report":
-            from orpo_ray.data_report import run_data_report
+            from orpo_ray.commands.data_report import run_data_report
 
             run_data_report(cfg)
     except ConfigError as e:  # e.g. re-running an output_dir with a different config

@@ -96,7 +96,7 @@ class ModelConfig:
 class SyntheticDataConfig:
     """The project's own deterministic preference task, used when data.train_path is null."""
 
-    task: str = _f("sort", "Task name in orpo_ray.synthetic's registry.")
+    task: str = _f("sort", "Task name in orpo_ray.data.synthetic's registry.")
     num_train: int = _f(2000, "Training pairs to generate.")
     num_eval: int = _f(200, "Held-out pairs (prompts disjoint from training).")
     seed: int = _f(0, "Generation seed.")

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from orpo_ray.config import ConfigError, LoraConfig, ModelConfig
-from orpo_ray.tokenizer import build_byte_tokenizer
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes next to adapter_model.safetensors

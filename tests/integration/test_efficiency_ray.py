@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orpo_ray.config import load_config
-from orpo_ray.launch import run_training
+from orpo_ray.launch.trainer import run_training
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

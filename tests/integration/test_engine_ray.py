@@ -53,7 +53,7 @@ def train_fn(cfg):
     import torch.distributed as dist
 
     import ray.train
-    from orpo_ray.engine import create_engine
+    from orpo_ray.train.engine import create_engine
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -180,7 +180,7 @@ def test_deepspeed_ws1_matches_torch_engine(tmp_path):
 import json, os, sys
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 from test_engine_ray import tiny_llama, global_batch, engine_kwargs
-from orpo_ray.engine import create_engine
+from orpo_ray.train.engine import create_engine
 out = {{}}
 for ds in (False, True):
     cfg = {{"steps": 5, "micro": 2, "grad_accum": 2}}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orpo_ray.config import load_config, with_absolute_paths
-from orpo_ray.evidence import run_evidence
+from orpo_ray.commands.evidence import run_evidence
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,9 +6,9 @@ import datasets
 import pytest
 
 from orpo_ray.config import load_config
-from orpo_ray.prepare import prepare_data
-from orpo_ray.ray_data import tokenized_datasets
-from orpo_ray.tokenizer import build_byte_tokenizer
+from orpo_ray.data.prepare import prepare_data
+from orpo_ray.data.ray_pipeline import tokenized_datasets
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from orpo_ray.config import load_config, with_absolute_paths
-from orpo_ray.prepare import prepare_data
-from orpo_ray.tokenizer import build_byte_tokenizer
+from orpo_ray.data.prepare import prepare_data
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from orpo_ray.config import load_config
-from orpo_ray.evaluate import run_eval
-from orpo_ray.launch import run_training
+from orpo_ray.commands.eval import run_eval
+from orpo_ray.launch.trainer import run_training
 from orpo_ray.modeling import export_merged, export_model, load_model_and_tokenizer, parameter_counts
 from tests.integration.ray_train_helpers import DEMO, TINY, ReportRecorder, losses, read_reports
 from tests.integration.test_train_local import LORA, run

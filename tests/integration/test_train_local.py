@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from orpo_ray.config import load_config
-from orpo_ray.runtime import LocalRuntime
-from orpo_ray.train_loop import train_loop_per_worker
+from orpo_ray.train.runtime import LocalRuntime
+from orpo_ray.train.loop import train_loop_per_worker
 
 TINY = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=1",
         "data.synthetic.num_train=96", "data.synthetic.num_eval=16", "train.per_device_batch_size=8",

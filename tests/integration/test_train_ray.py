@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orpo_ray.config import ConfigError, load_config
-from orpo_ray.launch import run_training
+from orpo_ray.launch.trainer import run_training
 from tests.integration.ray_train_helpers import DEMO, TINY, ReportRecorder, losses, read_reports
 
 pytestmark = pytest.mark.integration

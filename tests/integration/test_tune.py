@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orpo_ray.config import load_config, with_absolute_paths
-from orpo_ray.tune import run_sweep
+from orpo_ray.launch.tune import run_sweep
 from tests.integration.mlflow_fixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.integration.ray_train_helpers import DEMO, ROOT, TINY
 

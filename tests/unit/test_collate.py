@@ -1,4 +1,4 @@
-"""orpo_ray.collate: the padded batch of docs/architecture.md, checked cell by cell."""
+"""orpo_ray.forward.collate: the padded batch of docs/architecture.md, checked cell by cell."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orpo_ray.collate import collate_pairs
+from orpo_ray.forward.collate import collate_pairs
 
 PAD, EOS = 0, 9
 ROWS = [{"prompt_ids": [1, 2], "chosen_ids": [3, EOS], "rejected_ids": [4, 5, EOS]},

@@ -1,4 +1,4 @@
-"""orpo_ray.data: the three formats, every quarantine reason, file types, and the flat-row round trip."""
+"""orpo_ray.data.records: the three formats, every quarantine reason, file types, and the flat-row round trip."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orpo_ray.data import (PreferencePair, Quarantined, detect_format, iter_records, pair_to_row, parse_record,
+from orpo_ray.data.records import (PreferencePair, Quarantined, detect_format, iter_records, pair_to_row, parse_record,
                            read_pairs, row_to_pair, write_quarantine)
 
 PAIR = {"prompt": "Q?", "chosen": " yes", "rejected": " no"}

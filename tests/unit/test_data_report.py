@@ -5,9 +5,9 @@ import json
 import pytest
 
 from orpo_ray.config import load_config
-from orpo_ray.data_report import build_report, nearly_identical, padding_waste, percentiles, run_data_report
-from orpo_ray.prepare import prepare_data
-from orpo_ray.tokenizer import build_byte_tokenizer
+from orpo_ray.commands.data_report import build_report, nearly_identical, padding_waste, percentiles, run_data_report
+from orpo_ray.data.prepare import prepare_data
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 TOK = build_byte_tokenizer()
 

@@ -5,15 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from orpo_ray.chunked_logprobs import chunked_target_logps
+from orpo_ray.forward.chunked_lm_head import chunked_target_logps
 from orpo_ray.config import Config, EfficiencySection, ModelConfig, OrpoConfig, TinyModelConfig
-from orpo_ray.efficiency import make_collate, make_token_stats
-from orpo_ray.logprobs import policy_forward
-from orpo_ray.loss import orpo_loss
+from orpo_ray.forward.layouts import make_collate, make_token_stats
+from orpo_ray.forward.logprobs import policy_forward
+from orpo_ray.objectives.orpo import orpo_loss
 from orpo_ray.modeling import build_tiny_model
-from orpo_ray.packing import block_attention_mask, collate_packed
+from orpo_ray.forward.packing import block_attention_mask, collate_packed
 from orpo_ray.precision import autocast_context
-from orpo_ray.tokenizer import build_byte_tokenizer
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 TOK = build_byte_tokenizer()
 MODEL_CFG = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

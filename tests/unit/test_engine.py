@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from orpo_ray.engine import (
+from orpo_ray.train.engine import (
     TorchEngine,
     build_deepspeed_config,
     create_engine,

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from orpo_ray.config import load_config
-from orpo_ray.evaluate import logp_margin, resolve_checkpoint
-from orpo_ray.evidence import Arm, arm_config, arms_for, markdown_table, summarize
-from orpo_ray.logprobs import PolicyOutputs
-from orpo_ray.loss import orpo_loss
-from orpo_ray.metrics import with_prefix
-from orpo_ray.synthetic import generate_pairs
+from orpo_ray.commands.eval import logp_margin, resolve_checkpoint
+from orpo_ray.commands.evidence import Arm, arm_config, arms_for, markdown_table, summarize
+from orpo_ray.forward.logprobs import PolicyOutputs
+from orpo_ray.objectives.orpo import orpo_loss
+from orpo_ray.results import with_prefix
+from orpo_ray.data.synthetic import generate_pairs
 
 
 def _outputs(chosen, rejected):

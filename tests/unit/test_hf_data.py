@@ -10,10 +10,10 @@ import datasets
 import pytest
 
 from orpo_ray.config import ConfigError, load_config
-from orpo_ray.data import read_pairs
-from orpo_ray.hf_data import HubUnavailableError, hub_name, iter_saved_dataset, require_hub
-from orpo_ray.prepare import fingerprint, prepare_data, read_split_pairs, resolve_sources
-from orpo_ray.tokenizer import build_byte_tokenizer
+from orpo_ray.data.records import read_pairs
+from orpo_ray.data.hf import HubUnavailableError, hub_name, iter_saved_dataset, require_hub
+from orpo_ray.data.prepare import fingerprint, prepare_data, read_split_pairs, resolve_sources
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 datasets.disable_progress_bars()
 TOK = build_byte_tokenizer()
@@ -47,7 +47,7 @@ def test_a_saved_dataset_reads_like_a_file_with_row_numbers_across_shards(tmp_pa
 
 
 def test_large_record_batches_are_read_in_slices_without_losing_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr("orpo_ray.hf_data.BATCH_ROWS", 5)  # 12 rows in one Arrow batch -> slices of 5, 5, 2
+    monkeypatch.setattr("orpo_ray.data.hf.BATCH_ROWS", 5)  # 12 rows in one Arrow batch -> slices of 5, 5, 2
     rows = [r for _, r in iter_saved_dataset(save(ROWS, tmp_path / "ds"))]
     assert rows == ROWS
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orpo_ray.data import detect_format, read_pairs
-from orpo_ray.tokenize import tokenize_pair
-from orpo_ray.tokenizer import build_byte_tokenizer
+from orpo_ray.data.records import detect_format, read_pairs
+from orpo_ray.data.tokenize import tokenize_pair
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 HH = Path(__file__).resolve().parents[2].parent / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 

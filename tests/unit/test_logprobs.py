@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpo_ray.logprobs import masked_mean, nll_target_mask, policy_forward, token_logps
-from orpo_ray.loss import orpo_loss, step_nll_weights
+from orpo_ray.forward.logprobs import masked_mean, nll_target_mask, policy_forward, token_logps
+from orpo_ray.objectives.orpo import orpo_loss, step_nll_weights
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from orpo_ray.config import ConfigError, load_config
-from orpo_ray.engine import create_engine
-from orpo_ray.evaluate import resolve_checkpoint
+from orpo_ray.train.engine import create_engine
+from orpo_ray.commands.eval import resolve_checkpoint
 from orpo_ray.modeling import export_model, load_model_and_tokenizer, parameter_counts
 
 # hidden 32, MLP 64, one layer, 4 heads of 8 (k/v are 32 wide too)

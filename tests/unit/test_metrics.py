@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from orpo_ray.logprobs import PolicyOutputs
-from orpo_ray.loss import orpo_loss
-from orpo_ray.metrics import TRAIN_METRIC_NAMES, MetricAverager, with_prefix, write_results
+from orpo_ray.forward.logprobs import PolicyOutputs
+from orpo_ray.objectives.orpo import orpo_loss
+from orpo_ray.results import TRAIN_METRIC_NAMES, with_prefix, write_results
+from orpo_ray.train.metrics import MetricAverager
 
 
 def test_names_match_what_the_loss_returns():

@@ -5,7 +5,7 @@ import torch
 
 from orpo_ray.config import load_config
 from orpo_ray.modeling import load_model_and_tokenizer
-from orpo_ray.tokenizer import build_byte_tokenizer, train_bpe_tokenizer
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer, train_bpe_tokenizer
 
 
 def _tiny_cfg(*extra):

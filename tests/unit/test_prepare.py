@@ -1,4 +1,4 @@
-"""orpo_ray.prepare: sources, the deterministic eval split, quarantine counting, stats, the cache key."""
+"""orpo_ray.data.prepare: sources, the deterministic eval split, quarantine counting, stats, the cache key."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from orpo_ray.config import load_config
-from orpo_ray.data import PreferencePair
-from orpo_ray.prepare import (fingerprint, prepare_data, read_split_pairs, resolve_sources, save_quarantine,
+from orpo_ray.data.records import PreferencePair
+from orpo_ray.data.prepare import (fingerprint, prepare_data, read_split_pairs, resolve_sources, save_quarantine,
                               split_for_eval)
-from orpo_ray.tokenizer import build_byte_tokenizer
+from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 TOK = build_byte_tokenizer()
 PAIR = {"prompt": "Q?", "chosen": " yes", "rejected": " no"}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from orpo_ray.ray_data import micro_batches_per_epoch, rank_micro_batches, window_rows
+from orpo_ray.data.ray_pipeline import micro_batches_per_epoch, rank_micro_batches, window_rows
 
 
 def batches(n, per_device, world, rank, accum=1, epoch=0, seed=42):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from orpo_ray.config import ConfigError, load_config
-from orpo_ray.sweep import (best_trial, check_metric, evaluations_per_trial, format_table, lambda_rows, trial_config,
+from orpo_ray.launch.sweep import (best_trial, check_metric, evaluations_per_trial, format_table, lambda_rows, trial_config,
                             trial_row)
 
 
@@ -118,7 +118,7 @@ def test_search_space_lists_are_typed():
 def test_workers_get_the_cluster_address_so_the_state_api_finds_their_cluster():
     """With several Ray instances on a machine, Ray's State API in a worker fails without RAY_ADDRESS, and Ray
     Train's placement-group cleaner then never frees a stopped trial's CPUs (seen: the next trial hung)."""
-    from orpo_ray.launch import worker_env
+    from orpo_ray.launch.session import worker_env
 
     assert worker_env("127.0.0.1:6379")["RAY_ADDRESS"] == "127.0.0.1:6379"
     assert "RAY_ADDRESS" not in worker_env(None) and "RAY_ADDRESS" not in worker_env("auto")
@@ -131,7 +131,7 @@ def test_workers_get_the_cluster_address_so_the_state_api_finds_their_cluster():
 def test_saved_state_recognises_the_same_run_and_refuses_another(tmp_path):
     """The state file that lets a re-run resume (train runs and sweeps alike): same config -> the saved fields;
     a changed key -> ConfigError naming it; volatile keys (tracking, scaling.address ...) may change."""
-    from orpo_ray.launch import read_state, save_state
+    from orpo_ray.launch.run_state import read_state, save_state
 
     state_file = tmp_path / "state.json"
     cfg = load_config(None, [f"output_dir={tmp_path}"])

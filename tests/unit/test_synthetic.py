@@ -1,4 +1,4 @@
-"""orpo_ray.synthetic: deterministic, near-miss rejections, train/eval disjoint, readable as 'pairs' data."""
+"""orpo_ray.data.synthetic: deterministic, near-miss rejections, train/eval disjoint, readable as 'pairs' data."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orpo_ray.data import read_pairs
-from orpo_ray.synthetic import DEFAULT_TASK, LETTERS, TASKS, Task, generate_pairs, write_synthetic_split
+from orpo_ray.data.records import read_pairs
+from orpo_ray.data.synthetic import DEFAULT_TASK, LETTERS, TASKS, Task, generate_pairs, write_synthetic_split
 
 
 def load(path: Path) -> list[dict]:

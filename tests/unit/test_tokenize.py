@@ -1,4 +1,4 @@
-"""orpo_ray.tokenize: the truncation policy with hand-written ids, chat rendering, and the map_batches body.
+"""orpo_ray.data.tokenize: the truncation policy with hand-written ids, chat rendering, and the map_batches body.
 
 The `tok` fixture (conftest.py) maps each byte to its value: "a" = 97; <s> = 256, </s> = 257.
 """
@@ -10,8 +10,8 @@ import itertools
 import numpy as np
 import pytest
 
-from orpo_ray.data import PreferencePair, pair_to_row
-from orpo_ray.tokenize import TOKEN_COLUMNS, render_pair, tokenize_batch, tokenize_pair
+from orpo_ray.data.records import PreferencePair, pair_to_row
+from orpo_ray.data.tokenize import TOKEN_COLUMNS, render_pair, tokenize_batch, tokenize_pair
 
 from .conftest import BOS_ID as BOS, EOS_ID as EOS, make_tokenizer
 
@@ -126,7 +126,7 @@ def test_tokenize_batch_on_ray_style_numpy_columns(tok):
 
 def test_conversational_pairs_with_the_projects_tokenizer():
     """build_byte_tokenizer's template renders HH-style turns; BOS once at the start, EOS ends each response."""
-    from orpo_ray.tokenizer import build_byte_tokenizer
+    from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
     tok = build_byte_tokenizer()
     pair = PreferencePair([USER], [GOOD], [BAD], "f", 1)

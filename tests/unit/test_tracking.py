@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orpo_ray import tracking
+from orpo_ray.tracking import mlflow_tracker, plots
 from orpo_ray.tracking import (
     Tracker,
     flatten_params,
@@ -123,7 +123,7 @@ def test_flatten_params_dotted_keys() -> None:
 def test_prepare_params_truncates_and_keeps_first_value(caplog) -> None:
     t = Tracker.disabled()
     first = t._prepare_params({"x": "y" * 7000, "a": {"b": 1}})
-    assert len(first["x"]) == tracking.MAX_PARAM_VALUE_LENGTH
+    assert len(first["x"]) == mlflow_tracker.MAX_PARAM_VALUE_LENGTH
     assert first["a.b"] == "1"
     t._logged_params.update(first)
     assert t._prepare_params({"a": {"b": 1}}) == {}  # same value: nothing to send
@@ -139,7 +139,7 @@ def test_metric_names_with_slashes_are_kept() -> None:
     assert sanitize_key("grad norm [l2]") == "grad norm _l2_"
     assert sanitize_key("/a//b/") == "a/b"
     assert sanitize_key("../x") == "x"
-    assert len(sanitize_key("k" * 400)) == tracking.MAX_KEY_LENGTH
+    assert len(sanitize_key("k" * 400)) == mlflow_tracker.MAX_KEY_LENGTH
 
 
 def test_prepare_metrics_skips_non_finite_with_one_warning(caplog) -> None:
@@ -234,7 +234,7 @@ def test_http_env_defaults_do_not_override_user_values(monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
-    tracking._configure_http_env(10, 2, 1)
+    mlflow_tracker._configure_http_env(10, 2, 1)
     import os
 
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "42"
@@ -315,6 +315,6 @@ def test_plot_heatmap_lambda_by_learning_rate(tmp_path) -> None:
 
 
 def test_heatmap_tick_labels_are_compact() -> None:
-    assert [tracking._tick_label(v) for v in (1e-4, 3e-5, 2.5e-4, 0.1, 0.05, 1, "adamw")] == [
+    assert [plots._tick_label(v) for v in (1e-4, 3e-5, 2.5e-4, 0.1, 0.05, 1, "adamw")] == [
         "1e-4", "3e-5", "2.5e-4", "0.1", "0.05", "1", "adamw",
     ]

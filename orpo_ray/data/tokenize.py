@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from orpo_ray.data import PreferencePair, row_to_pair
+from orpo_ray.data.records import PreferencePair, row_to_pair
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_tokens_cut", "response_tokens_cut")
 

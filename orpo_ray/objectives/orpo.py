@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from orpo_ray.logprobs import PolicyOutputs
+from orpo_ray.forward.logprobs import PolicyOutputs
 
 _NEG_LN2 = -math.log(2.0)
 

@@ -64,7 +64,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict | Quarantined]]:
         raise FileNotFoundError(f"preference data file not found: {source}")
     name = path.name.lower()
     if path.is_dir():  # a `datasets` save_to_disk directory, read shard by shard from its Arrow files
-        from orpo_ray.hf_data import iter_saved_dataset
+        from orpo_ray.data.hf import iter_saved_dataset
 
         yield from iter_saved_dataset(path)
     elif name.endswith(".parquet"):

@@ -17,7 +17,7 @@ from typing import Iterator, Protocol
 import torch
 
 from orpo_ray.config import Config
-from orpo_ray.prepare import PreparedData, prepare_data, save_quarantine
+from orpo_ray.data.prepare import PreparedData, prepare_data, save_quarantine
 
 
 class WorkerRuntime(Protocol):

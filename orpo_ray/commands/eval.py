@@ -21,11 +21,9 @@ import torch
 from orpo_ray.config import Config
 from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
 from orpo_ray.precision import select_precision
-from orpo_ray.runtime import LocalRuntime
-from orpo_ray.train_loop import evaluate
-
-MARGIN_KEY = "logps/margins"
-
+from orpo_ray.train.runtime import LocalRuntime
+from orpo_ray.train.loop import evaluate
+from orpo_ray.results import MARGIN_KEY, logp_margin
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model directory (config.json), a LoRA adapter directory (adapter_config.json), or a run's output_dir
@@ -38,11 +36,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"eval.checkpoint={str(path)!r}: neither it nor its model/ subdirectory holds a saved model (config.json) "
         "or LoRA adapter (adapter_config.json); pass one of those or the output_dir of a finished `orpo-ray train` run"
     )
-
-
-def logp_margin(metrics: dict, prefix: str = "eval_") -> float:
-    """Mean over pairs of (chosen - rejected) mean log-prob; a mean of differences is the difference of means."""
-    return float(metrics[f"{prefix}logps/chosen"]) - float(metrics[f"{prefix}logps/rejected"])
 
 
 def eval_config(cfg: Config, model_dir: Path) -> Config:

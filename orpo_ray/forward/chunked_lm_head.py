@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from orpo_ray.logprobs import TokenStats, _TargetLogProb
+from orpo_ray.forward.logprobs import TokenStats, _TargetLogProb
 
 
 def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

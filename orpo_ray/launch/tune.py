@@ -31,8 +31,10 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orpo_ray.config import Config, config_from_dict, with_absolute_paths
-from orpo_ray.launch import ensure_ray, fit_run, read_state, save_state
-from orpo_ray.sweep import (best_trial, check_metric, evaluations_per_trial, format_table, lambda_rows,
+from orpo_ray.launch.run_state import read_state, save_state
+from orpo_ray.launch.session import ensure_ray
+from orpo_ray.launch.trainer import fit_run
+from orpo_ray.launch.sweep import (best_trial, check_metric, evaluations_per_trial, format_table, lambda_rows,
                             trial_config, trial_dir_name, trial_row)
 
 SWEEP_STATE_FILE = "sweep_state.json"  # {"config": identity, "mlflow_parent_run_id": ..., "completed": bool}
@@ -72,7 +74,7 @@ def search_space(cfg: Config) -> dict:
 
 
 def run_sweep(cfg: Config) -> dict:
-    from orpo_ray.ray_data import tokenized_datasets
+    from orpo_ray.data.ray_pipeline import tokenized_datasets
     from orpo_ray.tracking import Tracker, resolve_tracking_uri
 
     cfg = with_absolute_paths(cfg)
@@ -148,8 +150,7 @@ def _tuner(cfg: Config, datasets: dict, extras: dict, train_pairs: int) -> tune.
 def _summarize(cfg: Config, rows: list[dict], data_stats: dict, wall_seconds: float,
                parent_run_id: str | None) -> dict:
     """tune_results.json, trials.md, plots and best_model/ in output_dir; printed table."""
-    from orpo_ray.evidence import plot_lambda_sweep
-    from orpo_ray.tracking import plot_heatmap
+    from orpo_ray.tracking.plots import plot_heatmap, plot_lambda_sweep
 
     out, u = Path(cfg.output_dir), cfg.tune
     best = best_trial(rows, u.metric, u.mode)

@@ -34,7 +34,7 @@ import math
 import os
 import random
 import tempfile
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 

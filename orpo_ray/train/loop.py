@@ -19,14 +19,15 @@ import torch
 from tqdm import tqdm
 
 from orpo_ray.config import Config, config_from_dict
-from orpo_ray.efficiency import make_collate, make_token_stats
-from orpo_ray.engine import create_engine
-from orpo_ray.logprobs import nll_target_mask, policy_forward
-from orpo_ray.loss import orpo_loss, step_nll_weights
-from orpo_ray.metrics import TRAIN_METRIC_NAMES, MetricAverager, with_prefix, write_results
+from orpo_ray.forward.layouts import make_collate, make_token_stats
+from orpo_ray.train.engine import create_engine
+from orpo_ray.forward.logprobs import nll_target_mask, policy_forward
+from orpo_ray.objectives.orpo import orpo_loss, step_nll_weights
+from orpo_ray.results import TRAIN_METRIC_NAMES, with_prefix, write_results
+from orpo_ray.train.metrics import MetricAverager
 from orpo_ray.modeling import export_merged, export_model, load_model_and_tokenizer, parameter_counts
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
-from orpo_ray.runtime import LocalRuntime, WorkerRuntime
+from orpo_ray.train.runtime import LocalRuntime, WorkerRuntime
 
 RUN_EXTRAS_KEY = "_run"  # non-Config entries of the loop's config dict (e.g. MLflow parent run id)
 

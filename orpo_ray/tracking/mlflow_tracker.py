@@ -26,19 +26,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import posixpath
 import re
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-logger = logging.getLogger(__name__)
+from orpo_ray.results import finite_float
+
+logger = logging.getLogger("orpo_ray.tracking")  # one logger name for the package (tests and users filter on it)
 
 # MLflow limits (mlflow/utils/validation.py, 3.17).
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -192,14 +193,6 @@ def sanitize_key(name: str) -> str:
     return key[:MAX_KEY_LENGTH]
 
 
-def _finite_float(value: Any) -> float | None:
-    try:
-        if hasattr(value, "item"):  # torch / numpy scalars
-            value = value.item()
-        out = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 # ----------------------------------------------------------------------------------
@@ -580,7 +573,7 @@ class Tracker:
         """Sanitize names, convert values, drop non-finite ones (pure; no MLflow)."""
         out = []
         for raw_key, raw in metrics.items():
-            value = _finite_float(raw)
+            value = finite_float(raw)
             if value is None:
                 self._warn_once(
                     f"nonfinite-{raw_key}",
@@ -660,281 +653,3 @@ def _one_line(err: BaseException) -> str:
     return _truncate(text, 500)
 
 
-# ----------------------------------------------------------------------------------
-# Plots (matplotlib's object API + Agg canvas: no pyplot, no global backend switch)
-# ----------------------------------------------------------------------------------
-
-
-def _new_figure(figsize: tuple[float, float] = (7.0, 4.5)) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    steps: list[int] = []
-    values: list[float] = []
-    for row in history:
-        if key not in row or "step" not in row:
-            continue
-        value = _finite_float(row[key])
-        steps.append(int(row["step"]))
-        values.append(float("nan") if value is None else value)
-    order = sorted(range(len(steps)), key=steps.__getitem__)
-    return [steps[i] for i in order], [values[i] for i in order]
-
-
-def _plot_keys(
-    history: Sequence[Mapping[str, Any]],
-    lines: Iterable[tuple[str, str, str]],
-    title: str,
-    ylabel: str,
-    out_path: Path,
-    hline: float | None = None,
-    ylim: tuple[float, float] | None = None,
-) -> Path | None:
-    """lines: (metric key, legend label, colour). Train keys solid, eval_ keys dashed."""
-    drawn = []
-    for key, label, color in lines:
-        steps, values = _series(history, key)
-        if any(not math.isnan(v) for v in values):
-            drawn.append((key, label, color, steps, values))
-    if not drawn:
-        return None
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    for key, label, color, steps, values in drawn:
-        is_eval = key.startswith("eval_")
-        ax.plot(
-            steps,
-            values,
-            color=color,
-            linestyle="--" if is_eval else "-",
-            marker="o" if is_eval or len(steps) < 30 else None,
-            markersize=4,
-            linewidth=1.6,
-            label=label,
-        )
-    if hline is not None:
-        ax.axhline(hline, color="grey", linewidth=0.8, linestyle=":")
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.set_title(title)
-    ax.set_xlabel("Optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, format="png")
-    return out_path
-
-
-def plot_training_curves(
-    history: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str]
-) -> list[Path]:
-    """Write PNG training curves from ``history`` rows ``{"step": int, **metrics}``.
-
-    Train metrics use TRL's plain names, eval metrics the ``eval_`` prefix; rows may hold
-    either or both. Writes (when the data exists): ``logps.png`` (chosen vs rejected
-    mean log-probs), ``reward_margins.png``, ``reward_accuracies.png`` and ``loss.png``.
-    Returns the paths written.
-    """
-    out = Path(out_dir)
-    chosen, rejected = "tab:green", "tab:red"
-    specs = [
-        (
-            "logps.png",
-            [
-                ("logps/chosen", "chosen (train)", chosen),
-                ("logps/rejected", "rejected (train)", rejected),
-                ("eval_logps/chosen", "chosen (eval)", chosen),
-                ("eval_logps/rejected", "rejected (eval)", rejected),
-            ],
-            "Chosen vs rejected log-probabilities",
-            "Mean log-prob per response token",
-            None,
-            None,
-        ),
-        (
-            "reward_margins.png",
-            [
-                ("rewards/margins", "margin (train)", "tab:blue"),
-                ("eval_rewards/margins", "margin (eval)", "tab:orange"),
-            ],
-            "Reward margin (chosen - rejected)",
-            "Reward margin",
-            0.0,
-            None,
-        ),
-        (
-            "reward_accuracies.png",
-            [
-                ("rewards/accuracies", "accuracy (train)", "tab:blue"),
-                ("eval_rewards/accuracies", "accuracy (eval)", "tab:orange"),
-            ],
-            "Reward accuracy (share of pairs with chosen > rejected)",
-            "Reward accuracy",
-            0.5,
-            (-0.02, 1.02),
-        ),
-        (
-            "loss.png",
-            [
-                ("loss", "ORPO loss (train)", "tab:blue"),
-                ("nll_loss", "NLL loss (train)", "tab:purple"),
-                ("eval_loss", "ORPO loss (eval)", "tab:orange"),
-                ("eval_nll_loss", "NLL loss (eval)", "tab:brown"),
-            ],
-            "Training loss",
-            "Loss",
-            None,
-            None,
-        ),
-    ]
-    written = []
-    for name, lines, title, ylabel, hline, ylim in specs:
-        path = _plot_keys(history, lines, title, ylabel, out / name, hline, ylim)
-        if path is not None:
-            written.append(path)
-    return written
-
-
-def _tick_label(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        v = float(value)
-        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4):
-            mantissa, exp = f"{v:.1e}".split("e")
-            mantissa = mantissa.rstrip("0").rstrip(".")
-            return f"{mantissa}e{int(exp)}"
-        return f"{v:g}"
-    return str(value)
-
-
-def plot_heatmap(
-    rows: Sequence[Mapping[str, Any]],
-    x_key: str,
-    y_key: str,
-    value_key: str,
-    out_path: str | os.PathLike[str],
-    *,
-    title: str | None = None,
-    x_label: str | None = None,
-    y_label: str | None = None,
-    fmt: str = "{:.3f}",
-) -> Path:
-    """Heatmap of ``value_key`` over a grid of ``x_key`` × ``y_key`` (e.g. lr × λ).
-
-    Axis values are sorted; numbers are labelled compactly in scientific notation
-    (``1e-4``, ``3e-5``) as a log-scale sweep is. Several rows in one cell (seeds) are
-    averaged and annotated with ``n=``; empty cells show ``n/a``.
-    """
-    import numpy as np
-
-    def sort_key(v: Any) -> tuple[int, Any]:
-        return (0, float(v)) if isinstance(v, (int, float)) else (1, str(v))
-
-    xs = sorted({r[x_key] for r in rows if x_key in r}, key=sort_key)
-    ys = sorted({r[y_key] for r in rows if y_key in r}, key=sort_key)
-    cells: dict[tuple[int, int], list[float]] = {}
-    for r in rows:
-        if x_key not in r or y_key not in r:
-            continue
-        value = _finite_float(r.get(value_key))
-        if value is None:
-            continue
-        cells.setdefault((ys.index(r[y_key]), xs.index(r[x_key])), []).append(value)
-    grid = np.full((max(len(ys), 1), max(len(xs), 1)), np.nan)
-    for (i, j), vals in cells.items():
-        grid[i, j] = sum(vals) / len(vals)
-
-    fig = _new_figure((1.6 + 1.3 * max(len(xs), 1), 1.4 + 0.9 * max(len(ys), 1)))
-    ax = fig.add_subplot()
-    masked = np.ma.masked_invalid(grid)
-    cmap = __import__("matplotlib").colormaps["viridis"].with_extremes(bad="#dddddd")
-    finite = grid[np.isfinite(grid)]
-    vmin = float(finite.min()) if finite.size else 0.0
-    vmax = float(finite.max()) if finite.size else 1.0
-    if vmax == vmin:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
-    im = ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
-    ax.set_xticks(range(len(xs)), [_tick_label(x) for x in xs])
-    ax.set_yticks(range(len(ys)), [_tick_label(y) for y in ys])
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            v = grid[i, j]
-            if np.isfinite(v):
-                n = len(cells[(i, j)])
-                text = fmt.format(v) + (f"\nn={n}" if n > 1 else "")
-                light = (v - vmin) / (vmax - vmin) < 0.6
-                color = "white" if light else "black"
-            else:
-                text, color = "n/a", "dimgray"
-            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
-    ax.set_xlabel(x_label or x_key)
-    ax.set_ylabel(y_label or y_key)
-    ax.set_title(title or f"{value_key} by {y_label or y_key} and {x_label or x_key}")
-    fig.colorbar(im, ax=ax, label=value_key)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
-
-
-# ------------------------------------------------------------------------------------ a training run
-class RunTracker:
-    """What one training run logs, on rank 0 only: params, TRL-named metrics, and artifacts at the end.
-
-    A thin policy layer over `Tracker` (which owns the never-fatal MLflow calls): under a Tune sweep the
-    run becomes a child of the sweep's parent run (`extras["mlflow_parent_run_id"]`).
-    """
-
-    def __init__(self, tracker: Tracker):
-        self.tracker = tracker
-
-    @classmethod
-    def for_worker(cls, cfg: Any, extras: Mapping[str, Any], is_main: bool) -> "RunTracker":
-        if not (is_main and cfg.tracking.enabled):
-            return cls(Tracker.disabled())
-        uri = extras.get("mlflow_uri") or resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir)
-        tracker = Tracker(uri)
-        run_name = cfg.tracking.run_name or Path(cfg.output_dir).name
-        tracker.start(cfg.tracking.experiment, run_name=run_name,
-                      tags={"orpo.beta": cfg.orpo.beta, "output_dir": str(Path(cfg.output_dir).resolve())},
-                      parent_run_id=extras.get("mlflow_parent_run_id"))
-        return cls(tracker)
-
-    @property
-    def run_id(self) -> str | None:
-        return self.tracker.run_id
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.tracker.log_params(params)
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        self.tracker.log_metrics(metrics, step=step)
-
-    def finish(self, cfg: Any, history: Sequence[Mapping[str, Any]], out_dir: Path) -> None:
-        """Plots, config, results, quarantine report and the exported model as artifacts; then end the run."""
-        if not self.tracker.enabled:
-            return
-        out_dir = Path(out_dir)
-        for png in plot_training_curves(history, out_dir / "plots"):
-            self.tracker.log_artifact(png, "plots")
-        config_yaml = out_dir / "config.yaml"
-        config_yaml.write_text(_yaml_dump(cfg.to_dict()))
-        for name in ("config.yaml", "results.json", "history.json", "quarantine.jsonl"):
-            if (out_dir / name).exists():
-                self.tracker.log_artifact(out_dir / name)
-        for name in ("model", "merged"):  # merged: LoRA adapters folded into a plain model (export.merge_lora)
-            if (out_dir / name).is_dir():
-                self.tracker.log_artifacts(out_dir / name, name)
-        self.tracker.end("FINISHED")
-
-
-def _yaml_dump(values: Mapping[str, Any]) -> str:
-    import yaml
-
-    return yaml.safe_dump(dict(values), sort_keys=False)

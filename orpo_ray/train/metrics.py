@@ -1,39 +1,11 @@
-"""Metric names, micro-batch averaging (all-reducible across ranks), ``eval_`` prefix and results.json.
-
-Pure module: torch + stdlib only.
-"""
+"""Micro-batch metric averaging, all-reducible across ranks (one tensor of sums and counts)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
-
-# What ``loss.orpo_loss`` returns, under TRL's ORPOTrainer names (plus ``loss``), in TRL's logging order.
-TRAIN_METRIC_NAMES: tuple[str, ...] = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/rejected",
-    "logps/chosen",
-    "logits/rejected",
-    "logits/chosen",
-    "nll_loss",
-    "log_odds_ratio",
-    "log_odds_chosen",
-    "loss",
-)
-
-
-def with_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """Same values, keys prefixed (``with_prefix(m, "eval_")`` gives TRL's eval names)."""
-    return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
 class MetricAverager:
@@ -89,33 +61,3 @@ class MetricAverager:
             if count > 0:  # a metric no rank reported stays absent rather than becoming 0/0
                 avg._sums[name], avg._counts[name] = values[i], count
         return avg
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
-    """Write ``results`` as JSON with sorted keys, atomically: a reader sees the old file or the new, never half.
-
-    The temporary file lives in the target directory so ``os.replace`` is a same-filesystem rename.
-    0-d tensors become numbers.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, sort_keys=True, indent=2, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be readable like any output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

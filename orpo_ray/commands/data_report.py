@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 from orpo_ray.config import Config
-from orpo_ray.data import detect_format, iter_records
+from orpo_ray.data.records import detect_format, iter_records
 from orpo_ray.modeling import load_tokenizer
-from orpo_ray.prepare import identical_responses, read_split_pairs, tokenize_pairs
-from orpo_ray.tokenize import render_pair
+from orpo_ray.data.prepare import identical_responses, read_split_pairs, tokenize_pairs
+from orpo_ray.data.tokenize import render_pair
 
 NEAR_IDENTICAL_RATIO = 0.95  # difflib similarity of token ids at or above which a pair is "nearly identical"
 EXAMPLES_PER_REASON = 3
@@ -129,7 +129,7 @@ def build_report(cfg: Config, tokenizer) -> dict:
                           "share_of_tokens": round(padding_waste(
                               random.Random(cfg.train.seed).sample(train_rows, len(train_rows)),
                               cfg.train.per_device_batch_size), 4)},
-        "tokenizer": {"source": cfg.model.tokenizer or ("byte-level (orpo_ray.tokenizer)" if cfg.model.name_or_path
+        "tokenizer": {"source": cfg.model.tokenizer or ("byte-level (orpo_ray.embedded_tokenizer)" if cfg.model.name_or_path
                                                         == "tiny" else cfg.model.name_or_path),
                       "type": type(tokenizer).__name__, "vocab": len(tokenizer)},
         "_raw_lengths": raw_lengths,

@@ -8,7 +8,7 @@ What is compared, and how it is kept fair:
     TRL reads them sequentially in exactly the order orpo-ray's in-process runtime visits them.
   * Same optimiser settings (AdamW, constant LR, no warm-up, clip 1.0), ``orpo.beta``; the NLL over prompt +
     chosen response on both sides (``orpo.nll_on_prompt: true`` is TRL's definition).
-  * Each leg runs in its own subprocess (``python -m orpo_ray.bench --leg SPEC.json --out RESULT.json``), so its
+  * Each leg runs in its own subprocess (``python -m orpo_ray.commands.bench --leg SPEC.json --out RESULT.json``), so its
     peak RSS is its own. Speed is the optimisation loop only, the first (warm-up) step excluded; for TRL from
     step begin to step end (its data loading is *not* counted, which favours TRL slightly).
 
@@ -48,10 +48,10 @@ def matmul_gflops(size: int, dtype: torch.dtype, repeats: int = 10) -> float:
 # ---------------------------------------------------------------------------------------- shared inputs
 def prepare_inputs(cfg: Config, work: Path) -> dict:
     """Tokenizer + model directory and the pair files every leg reads. Returns paths and data statistics."""
-    from orpo_ray.data import read_pairs
+    from orpo_ray.data.records import read_pairs
     from orpo_ray.modeling import build_tiny_model, parameter_counts
-    from orpo_ray.tokenize import tokenize_pair
-    from orpo_ray.tokenizer import train_bpe_tokenizer
+    from orpo_ray.data.tokenize import tokenize_pair
+    from orpo_ray.embedded_tokenizer import train_bpe_tokenizer
 
     pairs, _ = read_pairs(cfg.data.train_path, "hh")
     tok = train_bpe_tokenizer((t for p in pairs for t in (p.prompt, p.chosen, p.rejected)), cfg.bench.vocab_size)
@@ -121,7 +121,7 @@ def _apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 def run_orpo_leg(spec: dict) -> dict:
     """orpo-ray's own loop in this process (LocalRuntime), or under Ray when the leg asks for workers."""
-    from orpo_ray.train_loop import train_loop_per_worker
+    from orpo_ray.train.loop import train_loop_per_worker
 
     values = _apply_overrides(dict(spec["config"]), [
         f"output_dir={spec['work']}", f"model.name_or_path={spec['model_dir']}", "model.tokenizer=null",
@@ -132,7 +132,7 @@ def run_orpo_leg(spec: dict) -> dict:
     ])
     cfg = config_from_dict(values, where=f"bench leg {spec['name']}")
     if cfg.scaling.num_workers > 1:
-        from orpo_ray.launch import run_training
+        from orpo_ray.launch.trainer import run_training
 
         results = run_training(cfg)
     else:
@@ -231,7 +231,7 @@ def run_bench(cfg: Config) -> dict:
         runs, error = [], None
         for _ in range(max(1, cfg.bench.repeats)):
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "orpo_ray.bench", "--leg", str(spec_path), "--out",
+            proc = subprocess.run([sys.executable, "-m", "orpo_ray.commands.bench", "--leg", str(spec_path), "--out",
                                    str(result_path)], capture_output=True, text=True)
             if proc.returncode != 0:
                 error = proc.stderr[-3000:]

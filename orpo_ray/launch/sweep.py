@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from orpo_ray.config import Config, ConfigError
-from orpo_ray.evaluate import logp_margin
-from orpo_ray.metrics import TRAIN_METRIC_NAMES
+from orpo_ray.results import TRAIN_METRIC_NAMES, logp_margin
 
 TABLE_METRICS = ("eval_rewards/accuracies", "eval_rewards/margins", "eval_loss", "eval_nll_loss")
 

@@ -24,9 +24,9 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from orpo_ray.chunked_logprobs import causal_lm_parts, stats_from_targets
-from orpo_ray.collate import _rows, collate_pairs
-from orpo_ray.logprobs import TokenStats
+from orpo_ray.forward.chunked_lm_head import causal_lm_parts, stats_from_targets
+from orpo_ray.forward.collate import _rows, collate_pairs
+from orpo_ray.forward.logprobs import TokenStats
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment", "packed_branch",
                "target_src", "target_ids", "target_dst", "target_is_prompt")

@@ -1,0 +1,115 @@
+"""`RayRuntime`: the `WorkerRuntime` (contract in train/runtime.py) of a Ray Train worker.
+
+DeepSpeed wraps the process group Ray created; data arrives through `ray.train.get_dataset_shard`; checkpoints
+go through `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from orpo_ray.config import Config
+from orpo_ray.data.ray_pipeline import micro_batches_per_epoch, rank_micro_batches, window_rows
+from orpo_ray.launch.run_state import run_name, storage_path
+
+
+class RayRuntime:
+    """`WorkerRuntime` for a Ray Train worker (see runtime.py for the contract)."""
+
+    supports_deepspeed = True
+
+    def __init__(self, cfg: Config, extras: dict):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.cfg, self.extras = cfg, extras
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        if cfg.scaling.use_gpu and torch.cuda.is_available():
+            self.device = torch.device("cuda", ctx.get_local_rank())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+
+    def setup_data(self, cfg: Config, tokenizer) -> dict:
+        import ray.train
+
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.eval_shard = ray.train.get_dataset_shard("eval")
+        return dict(self.extras["data_stats"])
+
+    def micro_batches_per_epoch(self) -> int:
+        t = self.cfg.train
+        return micro_batches_per_epoch(self.extras["data_stats"]["train_pairs"], t.per_device_batch_size,
+                                       self.world_size, t.gradient_accumulation_steps)
+
+    def train_batches(self, epoch: int) -> Iterator[dict]:
+        # The train set is not split across ranks: every rank streams all of it and keeps its slice of
+        # each global micro-batch, so the order does not depend on the number of workers (ray_data.py).
+        t = self.cfg.train
+        windows = self.train_shard.iter_batches(
+            batch_size=window_rows(t.per_device_batch_size, self.world_size, t.gradient_accumulation_steps),
+            batch_format="numpy")
+        yield from rank_micro_batches(windows, per_device=t.per_device_batch_size, world_size=self.world_size,
+                                      rank=self.rank, grad_accum=t.gradient_accumulation_steps,
+                                      seed=t.seed, epoch=epoch)
+
+    def eval_batches(self) -> Iterator[dict]:
+        # The eval dataset is not split by Ray; ranks take every world_size-th batch.
+        batches = self.eval_shard.iter_batches(batch_size=self.cfg.train.per_device_batch_size, batch_format="numpy")
+        yield from itertools.islice(batches, self.rank, None, self.world_size)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.cpu()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        """All ranks call this equally often (it is a barrier); every rank hands over its ZeRO shard."""
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        reported_at = time.time()
+        ray.train.report(_finite(metrics), checkpoint=checkpoint)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            if self.cfg.train.fail_at_step is not None:
+                self._wait_until_registered(reported_at)
+
+    def _wait_until_registered(self, reported_at: float, timeout: float = 60.0) -> None:
+        """Fault-injection runs only: Ray Train's controller collects reports by polling the workers (every
+        2 s); a worker killed before that loses the report, and the restart resumes from the checkpoint
+        before. Waiting until the controller has rewritten its checkpoint snapshot makes the injected fault
+        land after the checkpoint is registered, so the fault test is deterministic."""
+        snapshot = Path(storage_path(self.cfg)) / run_name(self.cfg) / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + timeout
+        while time.time() < deadline and not (snapshot.exists() and snapshot.stat().st_mtime >= reported_at):
+            time.sleep(0.2)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    def checkpoint_staging_dir(self, step: int) -> str:
+        return tempfile.mkdtemp(prefix=f"orpo_ckpt_step{step}_rank{self.rank}_")
+
+
+def _finite(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
