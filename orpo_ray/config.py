@@ -34,7 +34,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------- model
 @dataclass
-class TinyModelConfig:
+class TinyModelSection:
     """Architecture of the embedded default: a small Llama initialised from a fixed seed."""
 
     hidden_size: int = _f(128, "Width of the residual stream.")
@@ -47,7 +47,7 @@ class TinyModelConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraSection:
     """LoRA adapters via peft; ORPO needs no reference model, so the adapted model is the only one."""
 
     enabled: bool = _f(False, "Train LoRA adapters instead of all weights.")
@@ -73,7 +73,7 @@ class LoraConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     name_or_path: str = _f(
         "tiny",
         "'tiny' builds the embedded default from `tiny`; otherwise a local Hugging Face model directory "
@@ -87,13 +87,13 @@ class ModelConfig:
         "float32", "Dtype the weights are stored in. Compute precision is train.precision."
     )
     attn_implementation: str = _f("sdpa", "transformers attention implementation ('sdpa' or 'eager').")
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "Embedded default architecture."})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA / PEFT adapters."})
+    tiny: TinyModelSection = field(default_factory=TinyModelSection, metadata={"help": "Embedded default architecture."})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA / PEFT adapters."})
 
 
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
-class SyntheticDataConfig:
+class SyntheticDataSection:
     """The project's own deterministic preference task, used when data.train_path is null."""
 
     task: str = _f("sort", "Task name in orpo_ray.data.synthetic's registry.")
@@ -103,7 +103,7 @@ class SyntheticDataConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     train_path: Optional[str] = _f(
         None,
         "JSONL / JSONL.gz / JSON / Parquet of preference pairs, a `datasets` save_to_disk directory (Dataset, or "
@@ -127,14 +127,14 @@ class DataConfig:
     eval_split: str = _f("test", "Eval split name for a DatasetDict directory (used when it exists).")
     drop_identical_pairs: bool = _f(False, "Drop pairs whose chosen and rejected tokenize identically.")
     cache_dir: Optional[str] = _f(None, "Where tokenized Parquet is cached; null means output_dir/cache.")
-    synthetic: SyntheticDataConfig = field(
-        default_factory=SyntheticDataConfig, metadata={"help": "Synthetic task when train_path is null."}
+    synthetic: SyntheticDataSection = field(
+        default_factory=SyntheticDataSection, metadata={"help": "Synthetic task when train_path is null."}
     )
 
 
 # ---------------------------------------------------------------------------------------------- orpo
 @dataclass
-class OrpoConfig:
+class OrpoSection:
     beta: float = _f(0.1, "lambda: weight of the odds-ratio term (TRL's `beta`); 0 gives plain SFT.")
     nll_on_prompt: bool = _f(
         False, "Include prompt tokens in the NLL term (TRL's behaviour); the paper's L_SFT is response-only."
@@ -143,7 +143,7 @@ class OrpoConfig:
 
 # --------------------------------------------------------------------------------------------- train
 @dataclass
-class TrainConfig:
+class TrainSection:
     learning_rate: float = _f(8e-6, "Peak learning rate (the paper used 5e-6 to 8e-6 on 7B models).")
     per_device_batch_size: int = _f(8, "Preference pairs per micro-batch per worker.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
@@ -223,7 +223,7 @@ class DeepSpeedSection:
 
 # ------------------------------------------------------------------------------------------ tracking
 @dataclass
-class TrackingConfig:
+class TrackingSection:
     enabled: bool = _f(True, "Track the run in MLflow.")
     mlflow_uri: Optional[str] = _f(
         None, "MLflow tracking URI; null means sqlite:///<abs output_dir>/mlflow.db (no server needed)."
@@ -262,7 +262,7 @@ class EvalSection:
 
 
 @dataclass
-class ExportConfig:
+class ExportSection:
     save_model: bool = _f(True, "save_pretrained the final model and tokenizer to output_dir/model.")
     merge_lora: bool = _f(False, "With LoRA: also export a merged full model to output_dir/merged.")
 
@@ -270,17 +270,17 @@ class ExportConfig:
 @dataclass
 class Config:
     output_dir: str = _f("outputs/run", "Where results.json, the model and tracking files go.")
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model and tokenizer."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Preference data."})
-    orpo: OrpoConfig = field(default_factory=OrpoConfig, metadata={"help": "ORPO objective."})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
+    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Model and tokenizer."})
+    data: DataSection = field(default_factory=DataSection, metadata={"help": "Preference data."})
+    orpo: OrpoSection = field(default_factory=OrpoSection, metadata={"help": "ORPO objective."})
+    train: TrainSection = field(default_factory=TrainSection, metadata={"help": "Optimisation."})
     scaling: ScalingSection = field(default_factory=ScalingSection, metadata={"help": "Ray Train workers."})
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection, metadata={"help": "DeepSpeed."})
     efficiency: EfficiencySection = field(default_factory=EfficiencySection, metadata={"help": "Speed-ups."})
     bench: BenchSection = field(default_factory=BenchSection, metadata={"help": "Benchmark vs TRL."})
-    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow."})
+    tracking: TrackingSection = field(default_factory=TrackingSection, metadata={"help": "MLflow."})
     tune: TuneSection = field(default_factory=TuneSection, metadata={"help": "Ray Tune sweep."})
-    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Model export."})
+    export: ExportSection = field(default_factory=ExportSection, metadata={"help": "Model export."})
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "`orpo-ray eval`."})
 
     def validate(self, where: str = "config") -> "Config":
@@ -404,7 +404,7 @@ def _build(cls: type, values: dict, where: str, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -458,7 +458,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     for text in overrides:
         key, value = parse_override(text)
         try:
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     if overrides:

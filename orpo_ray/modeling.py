@@ -20,9 +20,15 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
-from orpo_ray.config import ConfigError, LoraConfig, ModelConfig
+from orpo_ray.config import ConfigError, LoraSection, ModelSection
 from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
@@ -30,7 +36,7 @@ ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes nex
 BASE_SUBDIR = "base"  # where an adapter export keeps base weights that exist nowhere else (e.g. 'tiny')
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     source = cfg.tokenizer or (None if cfg.name_or_path == "tiny" else cfg.name_or_path)
     if source is None:
         return build_byte_tokenizer()
@@ -44,7 +50,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+def build_tiny_model(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     t = cfg.tiny
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -68,7 +74,7 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Ll
     return model.to(torch.float32 if dtype == "auto" else dtype)
 
 
-def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load_model_and_tokenizer(cfg: ModelSection) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The model of `cfg` (LoRA-wrapped when model.lora.enabled) and its tokenizer."""
     tokenizer = load_tokenizer(cfg)
     if cfg.name_or_path == "tiny":
@@ -93,7 +99,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[torch.nn.Module, PreTrai
     return model, tokenizer
 
 
-def _load_pretrained(path: str | Path, cfg: ModelConfig) -> torch.nn.Module:
+def _load_pretrained(path: str | Path, cfg: ModelSection) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(
         path,
         dtype=_DTYPES[cfg.dtype],
@@ -104,7 +110,7 @@ def _load_pretrained(path: str | Path, cfg: ModelConfig) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
-def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
     """Wrap `model` in peft LoRA adapters on `lora.target_modules`; only adapter weights stay trainable.
 
     peft silently skips a target name that matches nothing as long as another one matches, so a typo
@@ -136,7 +142,7 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def load_adapter_model(adapter_dir: str | Path, cfg: ModelConfig) -> torch.nn.Module:
+def load_adapter_model(adapter_dir: str | Path, cfg: ModelSection) -> torch.nn.Module:
     """Base model + exported adapter, frozen (for eval). adapter_config.json's base_model_name_or_path is a
     directory; a relative one (as `export_model` writes for 'tiny') is relative to the adapter directory, so the
     export can be moved or downloaded from MLflow as a whole."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from orpo_ray.config import Config, _set_dotted, config_from_dict, parse_override
+from orpo_ray.config import Config, config_from_dict, parse_override, set_dotted
 from orpo_ray.precision import hardware_summary
 
 
@@ -49,9 +49,9 @@ def matmul_gflops(size: int, dtype: torch.dtype, repeats: int = 10) -> float:
 def prepare_inputs(cfg: Config, work: Path) -> dict:
     """Tokenizer + model directory and the pair files every leg reads. Returns paths and data statistics."""
     from orpo_ray.data.records import read_pairs
-    from orpo_ray.modeling import build_tiny_model, parameter_counts
     from orpo_ray.data.tokenize import tokenize_pair
     from orpo_ray.embedded_tokenizer import train_bpe_tokenizer
+    from orpo_ray.modeling import build_tiny_model, parameter_counts
 
     pairs, _ = read_pairs(cfg.data.train_path, "hh")
     tok = train_bpe_tokenizer((t for p in pairs for t in (p.prompt, p.chosen, p.rejected)), cfg.bench.vocab_size)
@@ -115,7 +115,7 @@ def _step_flops(cfg: Config, mc, batch: list[dict]) -> float:
 def _apply_overrides(values: dict, overrides: list[str]) -> dict:
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(values, key, value)
+        set_dotted(values, key, value)
     return values
 
 

@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 from orpo_ray.config import Config
-from orpo_ray.data.records import detect_format, iter_records
-from orpo_ray.modeling import load_tokenizer
 from orpo_ray.data.prepare import identical_responses, read_split_pairs, tokenize_pairs
+from orpo_ray.data.records import detect_format, iter_records
 from orpo_ray.data.tokenize import render_pair
+from orpo_ray.modeling import load_tokenizer
 
 NEAR_IDENTICAL_RATIO = 0.95  # difflib similarity of token ids at or above which a pair is "nearly identical"
 EXAMPLES_PER_REASON = 3

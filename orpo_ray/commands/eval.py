@@ -21,9 +21,10 @@ import torch
 from orpo_ray.config import Config
 from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
 from orpo_ray.precision import select_precision
-from orpo_ray.train.runtime import LocalRuntime
-from orpo_ray.train.loop import evaluate
 from orpo_ray.results import MARGIN_KEY, logp_margin
+from orpo_ray.train.evaluation import evaluate
+from orpo_ray.train.runtime import LocalRuntime
+
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model directory (config.json), a LoRA adapter directory (adapter_config.json), or a run's output_dir

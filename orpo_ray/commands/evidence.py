@@ -22,10 +22,10 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from orpo_ray.config import Config
 from orpo_ray.commands.eval import run_eval
-from orpo_ray.tracking.plots import plot_logps_by_arm
+from orpo_ray.config import Config
 from orpo_ray.results import logp_margin
+from orpo_ray.tracking.plots import plot_logps_by_arm
 
 SUMMARY_COLUMNS = (  # (evidence.json key, table header)
     ("beta", "λ"),

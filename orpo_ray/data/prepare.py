@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orpo_ray.config import Config
-from orpo_ray.data.records import PreferencePair, Quarantined, read_pairs, write_quarantine
 from orpo_ray.data.hf import default_eval_input, resolve_input
+from orpo_ray.data.records import (
+    PreferencePair,
+    Quarantined,
+    read_pairs,
+    write_quarantine,
+)
 from orpo_ray.data.synthetic import write_synthetic_split
 from orpo_ray.data.tokenize import render_pair, tokenize_pair
 

@@ -29,10 +29,16 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from orpo_ray.config import Config
+from orpo_ray.data.prepare import (
+    fingerprint,
+    identical_responses,
+    quarantine_reasons,
+    resolve_sources,
+    split_for_eval,
+)
 from orpo_ray.data.records import Quarantined, pair_to_row, read_pairs, write_quarantine
-from orpo_ray.modeling import load_tokenizer
-from orpo_ray.data.prepare import fingerprint, identical_responses, quarantine_reasons, resolve_sources, split_for_eval
 from orpo_ray.data.tokenize import TOKEN_COLUMNS, tokenize_batch
+from orpo_ray.modeling import load_tokenizer
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
 SHUFFLE_WINDOW_STEPS = 16  # optimizer steps' worth of pairs permuted together (the local-shuffle window)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 
-def _rows(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> list[tuple[list, list, list]]:
+def pair_rows(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> list[tuple[list, list, list]]:
     """Accept a list of row dicts, or Ray Data's dict of columns (numpy object arrays of int arrays, or a 2-D
     int array when every row of a column happens to have the same length)."""
     keys = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -28,7 +28,7 @@ def collate_pairs(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], p
     """Padded batch [2B, T]: chosen rows first, then rejected; T = longest sequence (rounded up if asked)."""
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: give the tokenizer a pad token")
-    rows = _rows(batch)
+    rows = pair_rows(batch)
     if not rows:
         raise ValueError("cannot collate an empty batch")
     if any(not chosen or not rejected for _, chosen, rejected in rows):

@@ -14,9 +14,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
+from orpo_ray.config import Config
 from orpo_ray.forward.chunked_lm_head import chunked_padded_token_stats
 from orpo_ray.forward.collate import collate_pairs
-from orpo_ray.config import Config
 from orpo_ray.forward.logprobs import TokenStatsFn, full_logits_token_stats
 from orpo_ray.forward.packing import collate_packed, packed_token_stats
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from orpo_ray.forward.chunked_lm_head import causal_lm_parts, stats_from_targets
-from orpo_ray.forward.collate import _rows, collate_pairs
+from orpo_ray.forward.collate import collate_pairs, pair_rows
 from orpo_ray.forward.logprobs import TokenStats
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment", "packed_branch",
@@ -71,7 +71,7 @@ def collate_packed(batch, pad_token_id: int, prefix_sharing: bool = True,
     pack_length: tokens per row when packing; ``"longest"`` uses the longest segment of this batch; ``None``
         puts one pair (or one sequence) per row.
     """
-    rows = _rows(batch)
+    rows = pair_rows(batch)
     padded = collate_pairs(batch, pad_token_id)
     b, t = padded["input_ids"].shape[0] // 2, padded["input_ids"].shape[1]
     segs = _segments(rows, prefix_sharing)

@@ -17,7 +17,11 @@ from typing import Iterator
 import torch
 
 from orpo_ray.config import Config
-from orpo_ray.data.ray_pipeline import micro_batches_per_epoch, rank_micro_batches, window_rows
+from orpo_ray.data.ray_pipeline import (
+    micro_batches_per_epoch,
+    rank_micro_batches,
+    window_rows,
+)
 from orpo_ray.launch.run_state import run_name, storage_path
 
 

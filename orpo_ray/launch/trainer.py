@@ -21,7 +21,13 @@ from pathlib import Path
 
 from orpo_ray.config import Config, with_absolute_paths
 from orpo_ray.launch.ray_runtime import RayRuntime
-from orpo_ray.launch.run_state import finished_results, run_name, run_state_file, save_state, storage_path
+from orpo_ray.launch.run_state import (
+    finished_results,
+    run_name,
+    run_state_file,
+    save_state,
+    storage_path,
+)
 from orpo_ray.launch.session import ensure_ray, quiet_ray_data, worker_env
 from orpo_ray.train.loop import RUN_EXTRAS_KEY, train_loop_per_worker
 
@@ -36,7 +42,13 @@ def ray_train_loop(config: dict) -> None:
 
 
 def make_trainer(cfg: Config, datasets: dict, extras: dict, *, callbacks=None):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = with_absolute_paths(cfg)  # workers run in another directory

@@ -33,9 +33,17 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orpo_ray.config import Config, config_from_dict, with_absolute_paths
 from orpo_ray.launch.run_state import read_state, save_state
 from orpo_ray.launch.session import ensure_ray
+from orpo_ray.launch.sweep import (
+    best_trial,
+    check_metric,
+    evaluations_per_trial,
+    format_table,
+    lambda_rows,
+    trial_config,
+    trial_dir_name,
+    trial_row,
+)
 from orpo_ray.launch.trainer import fit_run
-from orpo_ray.launch.sweep import (best_trial, check_metric, evaluations_per_trial, format_table, lambda_rows,
-                            trial_config, trial_dir_name, trial_row)
 
 SWEEP_STATE_FILE = "sweep_state.json"  # {"config": identity, "mlflow_parent_run_id": ..., "completed": bool}
 RESULTS_FILE = "tune_results.json"

@@ -5,7 +5,12 @@
 * `run`            - `RunTracker`: what one training run logs.
 """
 
-from orpo_ray.tracking.mlflow_tracker import Tracker, flatten_params, resolve_tracking_uri, sanitize_key
+from orpo_ray.tracking.mlflow_tracker import (
+           Tracker,
+           flatten_params,
+           resolve_tracking_uri,
+           sanitize_key,
+)
 from orpo_ray.tracking.plots import plot_heatmap, plot_training_curves
 from orpo_ray.tracking.run import RunTracker
 

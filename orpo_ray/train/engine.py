@@ -521,3 +521,13 @@ def create_engine(
         if float(ds_config.get("gradient_clipping", 0.0)) != float(max_grad_norm or 0.0):
             raise ValueError("ds_config['gradient_clipping'] != max_grad_norm")
     return DeepSpeedEngine(model, ds_config=ds_config, lr_lambda=lr_lambda, weight_decay=weight_decay)
+
+
+def deepspeed_section(d) -> dict:
+    """The `deepspeed` config section (`config.DeepSpeedSection`) as DeepSpeed's own JSON keys (batch/optimizer keys come from `train`)."""
+    zero: dict = {"stage": d.zero_stage, "reduce_bucket_size": d.reduce_bucket_size, "overlap_comm": d.overlap_comm}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    return {"zero_optimization": zero}

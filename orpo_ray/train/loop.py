@@ -20,13 +20,19 @@ from tqdm import tqdm
 
 from orpo_ray.config import Config, config_from_dict
 from orpo_ray.forward.layouts import make_collate, make_token_stats
-from orpo_ray.train.engine import create_engine
 from orpo_ray.forward.logprobs import nll_target_mask, policy_forward
+from orpo_ray.modeling import (
+    export_merged,
+    export_model,
+    load_model_and_tokenizer,
+    parameter_counts,
+)
 from orpo_ray.objectives.orpo import orpo_loss, step_nll_weights
-from orpo_ray.results import TRAIN_METRIC_NAMES, with_prefix, write_results
-from orpo_ray.train.metrics import MetricAverager
-from orpo_ray.modeling import export_merged, export_model, load_model_and_tokenizer, parameter_counts
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
+from orpo_ray.results import write_results
+from orpo_ray.train.engine import create_engine, deepspeed_section
+from orpo_ray.train.evaluation import evaluate, reduce_metrics, to_device
+from orpo_ray.train.metrics import MetricAverager
 from orpo_ray.train.runtime import LocalRuntime, WorkerRuntime
 
 RUN_EXTRAS_KEY = "_run"  # non-Config entries of the loop's config dict (e.g. MLflow parent run id)
@@ -82,7 +88,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         bf16=precision == "bf16",
         schedule=t.scheduler,
         betas=tuple(t.adam_betas),
-        ds_section=deepspeed_section(cfg),
+        ds_section=deepspeed_section(cfg.deepspeed),
     )
     with runtime.latest_checkpoint() as ckpt_dir:
         start_step = engine.global_step if engine.load(ckpt_dir) else 0
@@ -111,7 +117,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         engine.model.train()
-        micro_batches = [_to_device(collate(next(micro_iter)), runtime.device)
+        micro_batches = [to_device(collate(next(micro_iter)), runtime.device)
                          for _ in range(t.gradient_accumulation_steps)]
         step_tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
         # The NLL is a token mean over the whole step (all micro-batches, all ranks), so the trajectory does not
@@ -204,50 +210,6 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     return results
 
 
-@torch.no_grad()
-def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id: int) -> dict:
-    """ORPO loss and metrics on this rank's eval rows, averaged over ranks, with the `eval_` prefix.
-
-    Per-pair metrics are means over pairs and the NLL a mean over tokens, both over the whole eval set, so the
-    figures do not depend on the batch size or the number of ranks; `eval_loss` is assembled from those parts.
-    """
-    model.eval()
-    averager = MetricAverager()
-    batches = runtime.eval_batches()
-    if cfg.train.eval_max_batches is not None:
-        batches = itertools.islice(batches, cfg.train.eval_max_batches)
-    collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg)
-    for rows in batches:
-        batch = _to_device(collate(rows), runtime.device)
-        with autocast_context(precision, runtime.device):
-            out = policy_forward(model, batch, cfg.orpo.nll_on_prompt, token_stats=token_stats)
-        _, metrics = orpo_loss(out, cfg.orpo.beta)
-        nll, _ = metrics.pop("nll_loss"), metrics.pop("loss")
-        averager.add(metrics, weight=batch["num_pairs"])  # the last eval batch may be short
-        averager.add({"nll_loss": nll}, weight=float(nll_target_mask(batch, cfg.orpo.nll_on_prompt).sum()))
-    reduced = reduce_metrics(averager, runtime)
-    # log_odds_ratio is mean(log sigmoid(ratio)) = -mean(L_OR), so this is L_SFT + beta * mean(L_OR) again.
-    reduced["loss"] = reduced["nll_loss"] - cfg.orpo.beta * reduced["log_odds_ratio"]
-    return with_prefix(reduced, "eval_")
-
-
-def reduce_metrics(averager: MetricAverager, runtime: WorkerRuntime) -> dict:
-    """Exact means over all ranks: sums and counts are all-reduced, then divided."""
-    packed = runtime.all_reduce_sum(averager.as_tensor(TRAIN_METRIC_NAMES))
-    return MetricAverager.from_tensor(packed, TRAIN_METRIC_NAMES).compute()
-
-
-def deepspeed_section(cfg: Config) -> dict:
-    """The `deepspeed` config section as DeepSpeed's own JSON keys (batch/optimizer keys come from `train`)."""
-    d = cfg.deepspeed
-    zero: dict = {"stage": d.zero_stage, "reduce_bucket_size": d.reduce_bucket_size, "overlap_comm": d.overlap_comm}
-    if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if d.offload_param:
-        zero["offload_param"] = {"device": "cpu"}
-    return {"zero_optimization": zero}
-
-
 def _micro_batches(runtime: WorkerRuntime, start_micro: int):
     """Endless micro-batches across epochs, starting after `start_micro` (resume lands on the same batch)."""
     per_epoch = runtime.micro_batches_per_epoch()
@@ -255,10 +217,6 @@ def _micro_batches(runtime: WorkerRuntime, start_micro: int):
     while True:
         yield from itertools.islice(runtime.train_batches(epoch), skip, None)
         epoch, skip = epoch + 1, 0
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _inject_fault(cfg: Config, step: int) -> None:

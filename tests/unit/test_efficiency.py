@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orpo_ray.forward.chunked_lm_head import chunked_target_logps
-from orpo_ray.config import Config, EfficiencySection, ModelConfig, OrpoConfig, TinyModelConfig
+from orpo_ray.config import Config, EfficiencySection, ModelSection, OrpoSection, TinyModelSection
 from orpo_ray.forward.layouts import make_collate, make_token_stats
 from orpo_ray.forward.logprobs import policy_forward
 from orpo_ray.objectives.orpo import orpo_loss
@@ -16,7 +16,7 @@ from orpo_ray.precision import autocast_context
 from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 TOK = build_byte_tokenizer()
-MODEL_CFG = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+MODEL_CFG = ModelSection(tiny=TinyModelSection(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                              intermediate_size=64))
 
 
@@ -28,7 +28,7 @@ def _rows(seed=0, pairs=3):
 
 
 def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precision="fp32"):
-    cfg = dataclasses.replace(Config(), efficiency=eff, orpo=OrpoConfig(beta=0.3, nll_on_prompt=nll_on_prompt))
+    cfg = dataclasses.replace(Config(), efficiency=eff, orpo=OrpoSection(beta=0.3, nll_on_prompt=nll_on_prompt))
     cfg.data.max_length = 32
     model.zero_grad()
     batch = make_collate(cfg, TOK.pad_token_id)(rows)
