@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from orpo_ray.config import Config, config_from_dict, parse_override, set_dotted
+from orpo_ray.data.order import TrainingOrder
 from orpo_ray.precision import hardware_summary
 
 
@@ -80,8 +81,8 @@ def prepare_inputs(cfg: Config, work: Path) -> dict:
     train, evals, train_rows = kept[:wanted], kept[wanted:], rows[:wanted]
     if len(train) < wanted or not evals:
         raise ValueError(f"only {len(kept)} usable pairs in {cfg.data.train_path}, need {wanted + b}")
-    # orpo-ray's LocalRuntime visits rows in randperm(seed + epoch) order; TRL gets them in that order.
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+    # TRL gets the rows in the order orpo-ray's loop visits them in epoch 0 (data/order.py, one rank).
+    order = [int(i) for batch in TrainingOrder.for_run(cfg.train, 1).rank_positions(len(train), 0, 0) for i in batch]
     paths = {"model_dir": str(model_dir), "train": str(work / "train.jsonl"),
              "trl_train": str(work / "trl_train.jsonl"), "eval": str(work / "eval.jsonl")}
     for key, items in (("train", train), ("trl_train", [train[i] for i in order]), ("eval", evals)):

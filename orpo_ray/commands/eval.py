@@ -1,7 +1,7 @@
 """`orpo-ray eval CONFIG eval.checkpoint=PATH`: how a trained model ranks held-out preference pairs.
 
 On the config's eval pairs (the same split and truncation as training) this reports, under TRL's names with
-the `eval_` prefix, what `train_loop.evaluate` reports during training - preference accuracy (share of pairs
+the `eval_` prefix, what `train/evaluation.evaluate` reports during training - preference accuracy (share of pairs
 whose chosen mean log-prob beats the rejected one), `eval_logps/chosen|rejected`, the NLL and odds-ratio parts
 of the ORPO loss at the config's `orpo.beta` - plus `eval_logps/margins`, and greedy generations for the first
 `eval.num_generations` prompts. Writes `eval.json` to `output_dir`; logs to MLflow when tracking is on.

@@ -149,7 +149,7 @@ def download_hub_dataset(hub_id: str, root: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ resolving
 def resolve_input(path: str, split: str, download_root: str | Path) -> str:
-    """A configured data path -> one local path `data.read_pairs` reads: files and Dataset directories
+    """A configured data path -> one local path `records.read_pairs` reads: files and Dataset directories
     as they are, a DatasetDict directory (or hub id) as the directory of `split`."""
     if is_hub_id(path):
         path = str(download_hub_dataset(path, download_root))

@@ -10,13 +10,9 @@ The tokenized result is written once as Parquet under `data.cache_dir/<fingerpri
 size and mtime, tokenizer and truncation settings); later runs and every trial of a Tune sweep read the
 cache with `ray.data.read_parquet` and stream it to workers.
 
-Training order (`rank_micro_batches`) does not depend on the number of workers: every rank streams the
-whole (unsplit) train set in the cache's order, in windows of `SHUFFLE_WINDOW_STEPS` optimizer steps;
-each window is permuted with a seed made of (train.seed, epoch, window index), cut into global
-micro-batches of per_device_batch_size x world_size pairs, and rank r takes the r-th slice of each.
-So global micro-batch i holds the same pairs for 1 x 8 and 2 x 4, and a 2-worker run follows the
-1-worker loss trajectory. The price: each rank reads every row (W x the reads of `streaming_split`),
-negligible next to the forward/backward for tokenized preference pairs; the shuffle is local to a window.
+The training order (which rows form each global micro-batch, and each rank's slice) is data/order.py's,
+the same for this streaming path and the in-process one; it derives from the cache's row order, so the
+cache stores each split sorted by (source, row), the order `prepare.prepare_data` returns.
 """
 
 from __future__ import annotations
@@ -24,10 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator
-
-import numpy as np
-
 from orpo_ray.config import Config
 from orpo_ray.data.prepare import (
     fingerprint,
@@ -41,35 +33,6 @@ from orpo_ray.data.tokenize import TOKEN_COLUMNS, tokenize_batch
 from orpo_ray.modeling import load_tokenizer
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
-SHUFFLE_WINDOW_STEPS = 16  # optimizer steps' worth of pairs permuted together (the local-shuffle window)
-
-
-# ------------------------------------------------------------------------------ rank-independent order
-def window_rows(per_device: int, world_size: int, grad_accum: int) -> int:
-    """Rows per shuffle window: a whole number of optimizer steps, depending only on the global batch."""
-    return SHUFFLE_WINDOW_STEPS * per_device * world_size * grad_accum
-
-
-def micro_batches_per_epoch(num_rows: int, per_device: int, world_size: int, grad_accum: int) -> int:
-    """Micro-batches each rank runs per epoch: whole optimizer steps only (drop_last)."""
-    return num_rows // (per_device * world_size * grad_accum) * grad_accum
-
-
-def rank_micro_batches(windows: Iterable[dict], *, per_device: int, world_size: int, rank: int,
-                       grad_accum: int, seed: int, epoch: int) -> Iterator[dict]:
-    """This rank's micro-batches from consecutive windows of `window_rows(...)` rows (numpy columns).
-
-    Global micro-batch i (per_device x world_size pairs) is the same set of pairs for any world size with
-    the same global batch; rank r gets rows [r*per_device, (r+1)*per_device) of it. The last, short window
-    yields whole optimizer steps only.
-    """
-    global_micro, step_rows = per_device * world_size, per_device * world_size * grad_accum
-    for index, window in enumerate(windows):
-        n = len(next(iter(window.values())))
-        order = np.random.default_rng([seed, epoch, index]).permutation(n)
-        for start in range(0, n // step_rows * step_rows, global_micro):
-            rows = order[start + rank * per_device:start + (rank + 1) * per_device]
-            yield {k: v[rows] for k, v in window.items()}
 
 
 def parse_file(item: dict, fmt: str, eval_fraction: float) -> list[dict]:

@@ -11,7 +11,7 @@ shape is quarantined, and a malformed record before it is quarantined with the r
 A row that cannot be made valid never crashes a run and is never silently dropped: it becomes a
 `Quarantined(source, row, reason, excerpt)` that callers count and write to quarantine.jsonl.
 Rows are numbered from 1 (the line number in JSONL files, blank lines counted but skipped; the row position in
-Parquet files and `datasets` save_to_disk directories, see hf_data.py). A whole file that cannot be read (missing,
+Parquet files and `datasets` save_to_disk directories, see hf.py). A whole file that cannot be read (missing,
 unknown extension, a .json that is not a JSON list) raises, naming the file.
 
 Pure module: no ray, no deepspeed.

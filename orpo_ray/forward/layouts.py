@@ -3,7 +3,7 @@
 One place that maps the switches to functions, so the training loop, evaluation and the benchmark agree:
 
     prefix_sharing / packing  -> ``packing.collate_packed`` + ``packing.packed_token_stats``
-    chunked_lm_head only      -> ``collate.collate_pairs`` + ``chunked_logprobs.chunked_padded_token_stats``
+    chunked_lm_head only      -> ``collate.collate_pairs`` + ``chunked_lm_head.chunked_padded_token_stats``
     nothing                   -> ``collate.collate_pairs`` + ``logprobs.full_logits_token_stats``
 
 Precision (bf16 autocast) is ``train.precision`` and applies on every path. Pure module: torch only.

@@ -17,11 +17,7 @@ from typing import Iterator
 import torch
 
 from orpo_ray.config import Config
-from orpo_ray.data.ray_pipeline import (
-    micro_batches_per_epoch,
-    rank_micro_batches,
-    window_rows,
-)
+from orpo_ray.data.order import TrainingOrder
 from orpo_ray.launch.run_state import run_name, storage_path
 
 
@@ -41,6 +37,7 @@ class RayRuntime:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        self.order = TrainingOrder.for_run(cfg.train, self.world_size)
 
     def setup_data(self, cfg: Config, tokenizer) -> dict:
         import ray.train
@@ -50,20 +47,14 @@ class RayRuntime:
         return dict(self.extras["data_stats"])
 
     def micro_batches_per_epoch(self) -> int:
-        t = self.cfg.train
-        return micro_batches_per_epoch(self.extras["data_stats"]["train_pairs"], t.per_device_batch_size,
-                                       self.world_size, t.gradient_accumulation_steps)
+        return self.order.micro_batches_per_epoch(self.extras["data_stats"]["train_pairs"])
 
     def train_batches(self, epoch: int) -> Iterator[dict]:
-        # The train set is not split across ranks: every rank streams all of it and keeps its slice of
-        # each global micro-batch, so the order does not depend on the number of workers (ray_data.py).
-        t = self.cfg.train
-        windows = self.train_shard.iter_batches(
-            batch_size=window_rows(t.per_device_batch_size, self.world_size, t.gradient_accumulation_steps),
-            batch_format="numpy")
-        yield from rank_micro_batches(windows, per_device=t.per_device_batch_size, world_size=self.world_size,
-                                      rank=self.rank, grad_accum=t.gradient_accumulation_steps,
-                                      seed=t.seed, epoch=epoch)
+        # The train set is not split across ranks: every rank streams all of it, one shuffle window at a time,
+        # and keeps its slice of each global micro-batch (data/order.py), so the order does not depend on the
+        # number of workers and is the order of an in-process (--local) run.
+        windows = self.train_shard.iter_batches(batch_size=self.order.window_rows, batch_format="numpy")
+        yield from self.order.rank_micro_batches(windows, epoch, self.rank)
 
     def eval_batches(self) -> Iterator[dict]:
         # The eval dataset is not split by Ray; ranks take every world_size-th batch.

@@ -8,7 +8,7 @@ Flow of `run_training(cfg)`:
    records with file, row and reason), tokenizes with the pure `tokenize.tokenize_pair`, and caches the
    result as Parquet under `data.cache_dir` keyed by a fingerprint of inputs and settings, so repeated runs
    and every trial of a sweep tokenize once.
-3. A `TorchTrainer` runs `train_loop.train_loop_per_worker` on `scaling.num_workers` workers with a
+3. A `TorchTrainer` runs `train/loop.train_loop_per_worker` on `scaling.num_workers` workers with a
    `RayRuntime` (ray_runtime.py): DeepSpeed wraps the process group Ray created; data arrives through
    `ray.train.get_dataset_shard`; checkpoints go through `ray.train.report`; `FailureConfig` restarts
    failed worker groups from the latest checkpoint; re-running with the same output_dir resumes.

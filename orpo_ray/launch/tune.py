@@ -8,7 +8,7 @@ Flow of `run_sweep(cfg)` (the Tune-driver-function pattern Ray Train V2 document
 2. An MLflow parent run for the sweep (its id is kept in `sweep_state.json`, so a resumed sweep logs to the
    same parent). Each trial's rank 0 logs a child run (`extras["mlflow_parent_run_id"]`).
 3. `Tuner(trial_driver)`: a trial is a small driver function that builds its config (`sweep.trial_config`)
-   and fits a TorchTrainer (`launch.fit_run`), so a trial can itself use several DeepSpeed workers. The
+   and fits a TorchTrainer (`launch/trainer.fit_run`), so a trial can itself use several DeepSpeed workers. The
    driver holds no CPU (it only waits on Ray Train); `tune.max_concurrent_trials` bounds how many Train runs
    compete for the workers' CPUs. `EvalReportCallback` forwards one result per evaluation to Tune, so ASHA
    compares trials evaluation by evaluation (time_attr = training_iteration = evaluations so far).

@@ -1,9 +1,9 @@
 """What the training loop needs from its surroundings, and the in-process implementation.
 
-The loop (`train_loop.py`) is written once. Where it runs - one process on a laptop, or N Ray Train
-workers - only changes *this* object: who my rank is, which batches are mine, how to average a tensor
-across ranks, and where checkpoints go. `launch.RayRuntime` is the Ray Train implementation; this file
-stays free of ray so a unit test can run the whole loop in a second.
+The loop (`train/loop.py`) is written once. Where it runs - one process on a laptop, or N Ray Train
+workers - only changes *this* object: who my rank is, which batches are mine (data/order.py decides, for
+every runtime), how to average a tensor across ranks, and where checkpoints go. `launch/ray_runtime.RayRuntime`
+is the Ray Train implementation; this file stays free of ray so a unit test can run the whole loop in a second.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Iterator, Protocol
 import torch
 
 from orpo_ray.config import Config
+from orpo_ray.data.order import TrainingOrder
 from orpo_ray.data.prepare import PreparedData, prepare_data, save_quarantine
 
 
@@ -30,10 +31,12 @@ class WorkerRuntime(Protocol):
         """Prepare (or attach to) the data; returns stats: train_pairs, eval_pairs, quarantined, ..."""
 
     def micro_batches_per_epoch(self) -> int:
-        """Micro-batches *each rank* gets per epoch; the same on every rank so no rank waits forever."""
+        """Micro-batches *each rank* gets per epoch (whole optimizer steps); the same on every rank so no rank
+        waits forever."""
 
     def train_batches(self, epoch: int) -> Iterator[list[dict] | dict]:
-        """Exactly micro_batches_per_epoch() micro-batches of tokenized rows for this rank, epoch-shuffled."""
+        """Exactly micro_batches_per_epoch() micro-batches of tokenized rows for this rank, in data/order.py's
+        order (every runtime uses it, so where a run executes does not change which pairs it sees when)."""
 
     def eval_batches(self) -> Iterator[list[dict] | dict]:
         """This rank's share of the eval rows, in order (the last batch may be short)."""
@@ -67,6 +70,7 @@ class LocalRuntime:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.prepared: PreparedData | None = None
         self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"
+        self.order = TrainingOrder.for_run(cfg.train, self.world_size)  # the same order as a Ray run's
 
     # ------------------------------------------------------------------------------------- data
     def setup_data(self, cfg: Config, tokenizer) -> dict:
@@ -75,15 +79,12 @@ class LocalRuntime:
         return self.prepared.stats
 
     def micro_batches_per_epoch(self) -> int:
-        # drop_last: every micro-batch has exactly per_device_batch_size pairs, so gradient scale and
-        # pairs/s are the same at every step (a tiny dataset still yields one batch).
-        return max(1, len(self.prepared.train_rows) // self.cfg.train.per_device_batch_size)
+        return self.order.micro_batches_per_epoch(len(self.prepared.train_rows))
 
     def train_batches(self, epoch: int) -> Iterator[list[dict]]:
-        rows, size = self.prepared.train_rows, self.cfg.train.per_device_batch_size
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
-        for i in range(self.micro_batches_per_epoch()):
-            yield [rows[j] for j in order[i * size:(i + 1) * size].tolist()]
+        rows = self.prepared.train_rows
+        for positions in self.order.rank_positions(len(rows), epoch, self.rank):
+            yield [rows[i] for i in positions]
 
     def eval_batches(self) -> Iterator[list[dict]]:
         rows, size = self.prepared.eval_rows, self.cfg.train.per_device_batch_size

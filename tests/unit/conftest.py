@@ -1,7 +1,7 @@
 """A small real tokenizer for the data/tokenize/collate tests: byte-level, id == byte value.
 
 Token ids equal byte values (b"a" -> 97) and the specials follow (<s> 256, </s> 257, <pad> 258), so expected
-ids in the tests can be written by hand. Deliberately independent of orpo_ray/tokenizer.py (the project's
+ids in the tests can be written by hand. Deliberately independent of orpo_ray/embedded_tokenizer.py (the project's
 tokenizer), with its own chat template, so these tests check the data path against any HF tokenizer.
 """
 
