@@ -141,6 +141,23 @@ class OrpoSection:
     )
 
 
+@dataclass
+class SimpoSection:
+    """SimPO (``objective: simpo``; Meng et al. 2024): -log sigmoid(beta * (mean logp_w - mean logp_l) - gamma)."""
+
+    beta: float = _f(2.0, "Reward scale on the length-normalised log-probs (TRL's `beta`; the paper uses 2.0-2.5).")
+    gamma: float = _f(1.0, "Target reward margin (TRL's `simpo_gamma`; the paper uses about 0.5-1.6).")
+    alpha: float = _f(0.0, "Weight of the chosen response's NLL (TRL's `cpo_alpha`); 0 is the paper's SimPO.")
+
+
+@dataclass
+class CpoSection:
+    """CPO (``objective: cpo``; Xu et al. 2024): -log sigmoid(beta * (sum logp_w - sum logp_l)) + alpha * NLL."""
+
+    beta: float = _f(0.1, "Temperature on the summed log-prob difference (TRL's `beta`).")
+    alpha: float = _f(1.0, "Weight of the chosen response's NLL (TRL's `cpo_alpha`).")
+
+
 # --------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainSection:
@@ -235,9 +252,11 @@ class TrackingSection:
 # ---------------------------------------------------------------------------------------------- tune
 @dataclass
 class TuneSection:
-    """`orpo-ray tune CONFIG`: a Ray Tune sweep of λ x learning rate; every trial is a full Ray Train run."""
+    """`orpo-ray tune CONFIG`: a Ray Tune sweep of β (λ) [x γ] x learning rate; every trial a full Ray Train run."""
 
-    beta: list[float] = _f([0.05, 0.1, 0.2], "λ (orpo.beta) values to grid-search; 0 is the SFT baseline.")
+    beta: list[float] = _f([0.05, 0.1, 0.2], "Values of the objective's beta to grid-search (orpo.beta = λ, "
+                           "simpo.beta, cpo.beta); ORPO's 0 is the SFT baseline.")
+    gamma: list[float] = _f([], "SimPO only: simpo.gamma values to grid-search; empty keeps simpo.gamma.")
     learning_rate: list[float] = _f([], "Learning rates to grid-search; empty: sample log-uniform from the range below.")
     learning_rate_min: float = _f(1e-4, "Lower bound of the log-uniform learning-rate range (learning_rate: []).")
     learning_rate_max: float = _f(1e-3, "Upper bound of the log-uniform learning-rate range (learning_rate: []).")
@@ -270,9 +289,16 @@ class ExportSection:
 @dataclass
 class Config:
     output_dir: str = _f("outputs/run", "Where results.json, the model and tracking files go.")
+    # The choices are orpo_ray.objectives.OBJECTIVES (a unit test keeps them equal); each has its section below.
+    objective: Literal["orpo", "simpo", "cpo"] = _f(
+        "orpo", "Preference objective: orpo, simpo or cpo; only the section of that name is read (so "
+        "orpo.nll_on_prompt is ORPO's: SimPO and CPO take TRL's response-only NLL)."
+    )
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Model and tokenizer."})
     data: DataSection = field(default_factory=DataSection, metadata={"help": "Preference data."})
     orpo: OrpoSection = field(default_factory=OrpoSection, metadata={"help": "ORPO objective."})
+    simpo: SimpoSection = field(default_factory=SimpoSection, metadata={"help": "SimPO objective."})
+    cpo: CpoSection = field(default_factory=CpoSection, metadata={"help": "CPO objective."})
     train: TrainSection = field(default_factory=TrainSection, metadata={"help": "Optimisation."})
     scaling: ScalingSection = field(default_factory=ScalingSection, metadata={"help": "Ray Train workers."})
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection, metadata={"help": "DeepSpeed."})
@@ -302,8 +328,7 @@ class Config:
         if self.export.merge_lora and not self.model.lora.enabled:
             raise ConfigError(f"{where}: export.merge_lora=true needs model.lora.enabled=true (there is no "
                               "adapter to merge otherwise)")
-        if self.orpo.beta < 0:
-            raise ConfigError(f"{where}: orpo.beta must be >= 0, got {self.orpo.beta}")
+        self._validate_objective(where)
         e = self.efficiency
         if e.lm_head_chunk_size < 1 or (e.pack_length is not None and e.pack_length < 2 * d.max_length):
             raise ConfigError(f"{where}: efficiency.lm_head_chunk_size must be >= 1 and efficiency.pack_length "
@@ -313,10 +338,19 @@ class Config:
         self._validate_tune(where)
         return self
 
+    def _validate_objective(self, where: str) -> None:
+        for key, value in (("orpo.beta", self.orpo.beta), ("simpo.beta", self.simpo.beta),
+                           ("simpo.alpha", self.simpo.alpha), ("cpo.beta", self.cpo.beta), ("cpo.alpha", self.cpo.alpha)):
+            if value < 0:
+                raise ConfigError(f"{where}: {key} must be >= 0, got {value}")
+
     def _validate_tune(self, where: str) -> None:
         u = self.tune
         if not u.beta or any(b < 0 for b in u.beta):
             raise ConfigError(f"{where}: tune.beta must be a non-empty list of numbers >= 0, got {u.beta}")
+        if u.gamma and self.objective != "simpo":
+            raise ConfigError(f"{where}: tune.gamma sweeps simpo.gamma and needs objective simpo "
+                              f"(objective is {self.objective!r})")
         if any(lr <= 0 for lr in u.learning_rate):
             raise ConfigError(f"{where}: tune.learning_rate must list numbers > 0, got {u.learning_rate}")
         if not 0 < u.learning_rate_min < u.learning_rate_max:

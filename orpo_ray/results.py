@@ -1,4 +1,6 @@
-"""Metric names, the ``eval_`` prefix and results.json: defined once, used by train, eval, tune, bench and tracking.
+"""The ``eval_`` prefix, the log-prob margin and results.json: defined once, used by train, eval, tune, bench, tracking.
+
+Metric names belong to each objective (``orpo_ray.objectives``: ``Objective.metric_names``).
 
 Pure and light (stdlib only), so the trackers and the sweep driver import it without torch.
 """
@@ -11,23 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
-
-# What ``loss.orpo_loss`` returns, under TRL's ORPOTrainer names (plus ``loss``), in TRL's logging order.
-TRAIN_METRIC_NAMES: tuple[str, ...] = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/rejected",
-    "logps/chosen",
-    "logits/rejected",
-    "logits/chosen",
-    "nll_loss",
-    "log_odds_ratio",
-    "log_odds_chosen",
-    "loss",
-)
-
 
 def with_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """Same values, keys prefixed (``with_prefix(m, "eval_")`` gives TRL's eval names)."""

@@ -37,9 +37,13 @@ def make_collate(cfg: Config, pad_token_id: int) -> Callable[[object], dict]:
                    pack_length=pack_length)
 
 
-def make_token_stats(cfg: Config) -> TokenStatsFn:
-    """The ``token_stats`` argument of ``policy_forward`` matching ``make_collate``."""
-    e, nll_on_prompt = cfg.efficiency, cfg.orpo.nll_on_prompt
+def make_token_stats(cfg: Config, nll_on_prompt: bool) -> TokenStatsFn:
+    """The ``token_stats`` argument of ``policy_forward`` matching ``make_collate``.
+
+    nll_on_prompt: the objective's (``Objective.nll_on_prompt``); the packed and chunked paths compute prompt
+    targets only when the NLL needs them.
+    """
+    e = cfg.efficiency
     chunk = e.lm_head_chunk_size if e.chunked_lm_head else None
     if uses_packed_layout(cfg):
         return partial(packed_token_stats, nll_on_prompt=nll_on_prompt, chunk=chunk)

@@ -1,4 +1,4 @@
-"""Model + padded batch -> per-sequence mean log-probs and the SFT NLL (the inputs of ``loss.orpo_loss``).
+"""Model + padded batch -> per-sequence mean log-probs, response lengths and the SFT NLL (an objective's inputs).
 
 The batch layout is the one in docs/architecture.md: rows ``0..B-1`` are prompt+chosen, rows ``B..2B-1`` are
 prompt+rejected, right-padded; ``response_mask`` marks response tokens (EOS included). The log-prob of the token
@@ -29,9 +29,11 @@ _CHUNK_ELEMENTS = 1 << 24
 
 @dataclass
 class PolicyOutputs:
-    """What the ORPO loss needs from one forward pass over B preference pairs.
+    """What an objective (``orpo_ray.objectives``) needs from one forward pass over B preference pairs.
 
     chosen_logps / rejected_logps: [B] fp32, differentiable; mean log p over each response's tokens.
+    chosen_tokens / rejected_tokens: [B] fp32 response token counts (targets); mean x count is the summed
+        log-prob that CPO compares. None only where a test builds outputs by hand without them.
     nll: 0-d fp32, differentiable; token-mean NLL of the chosen rows (response only, or prompt+response).
     chosen_logits_mean / rejected_logits_mean: 0-d fp32, detached; mean logit over response positions x vocab
         (for logging only, TRL's ``logits/chosen`` / ``logits/rejected``).
@@ -42,6 +44,8 @@ class PolicyOutputs:
     nll: Tensor
     chosen_logits_mean: Tensor
     rejected_logits_mean: Tensor
+    chosen_tokens: Tensor | None = None
+    rejected_tokens: Tensor | None = None
 
 
 class TokenStats(NamedTuple):
@@ -176,6 +180,7 @@ def outputs_from_token_stats(
     response = _target_response_mask(batch)
 
     seq_logps = masked_mean(stats.logps, response, dim=-1)
+    seq_tokens = response.sum(-1).to(seq_logps.dtype)
     # NLL is pooled over tokens (not a mean of per-row means), as cross-entropy over the chosen rows would be.
     nll_mask = nll_target_mask(batch, nll_on_prompt)
     nll = -masked_mean(stats.logps[:b], nll_mask, dim=None)
@@ -189,6 +194,8 @@ def outputs_from_token_stats(
         nll=nll,
         chosen_logits_mean=logits_mean(slice(0, b)),
         rejected_logits_mean=logits_mean(slice(b, None)),
+        chosen_tokens=seq_tokens[:b],
+        rejected_tokens=seq_tokens[b:],
     )
 
 
@@ -198,7 +205,7 @@ def policy_forward(
     nll_on_prompt: bool = False,
     token_stats: TokenStatsFn = full_logits_token_stats,
 ) -> PolicyOutputs:
-    """Run ``model`` on the padded chosen+rejected batch and return the ORPO inputs.
+    """Run ``model`` on the padded chosen+rejected batch and return an objective's inputs.
 
     nll_on_prompt: False (default, the paper's L_SFT) averages the NLL over the chosen responses only; True
         averages it over every real token of the chosen rows from position 1 on (prompt + response), as TRL does.

@@ -1,4 +1,5 @@
-"""`orpo-ray tune CONFIG [key=value ...]`: a Ray Tune sweep of λ x learning rate, each trial a Ray Train run.
+"""`orpo-ray tune CONFIG [key=value ...]`: a Ray Tune sweep of the objective's beta (ORPO's λ) x learning rate
+(x simpo.gamma for SimPO with tune.gamma), each trial a Ray Train run.
 
 Flow of `run_sweep(cfg)` (the Tune-driver-function pattern Ray Train V2 documents):
 
@@ -34,6 +35,7 @@ from orpo_ray.config import Config, config_from_dict, with_absolute_paths
 from orpo_ray.launch.run_state import read_state, save_state
 from orpo_ray.launch.session import ensure_ray
 from orpo_ray.launch.sweep import (
+    beta_label,
     best_trial,
     check_metric,
     evaluations_per_trial,
@@ -66,11 +68,11 @@ class EvalReportCallback(TuneReportCallback):
 
 
 def trial_driver(params: dict, *, base_config: dict, datasets: dict, extras: dict) -> None:
-    """One Tune trial: this λ and learning rate, trained by a full Ray Train run."""
+    """One Tune trial: this beta, learning rate (and gamma), trained by a full Ray Train run."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(config_from_dict(base_config), trial_id, params["beta"], params["learning_rate"])
-    print(f"[orpo-ray tune] trial {trial_id}: λ={cfg.orpo.beta:g} lr={cfg.train.learning_rate:.3g} -> "
-          f"{cfg.output_dir}", flush=True)
+    cfg = trial_config(config_from_dict(base_config), trial_id, params["beta"], params["learning_rate"],
+                       params.get("gamma"))
+    print(f"[orpo-ray tune] trial {trial_id}: {cfg.tracking.run_name} -> {cfg.output_dir}", flush=True)
     fit_run(cfg, datasets, extras, callbacks=[EvalReportCallback(cfg.tune.metric)])
 
 
@@ -78,7 +80,10 @@ def search_space(cfg: Config) -> dict:
     u = cfg.tune
     lr = (tune.grid_search([float(x) for x in u.learning_rate]) if u.learning_rate
           else tune.loguniform(u.learning_rate_min, u.learning_rate_max))
-    return {"beta": tune.grid_search([float(b) for b in u.beta]), "learning_rate": lr}
+    space = {"beta": tune.grid_search([float(b) for b in u.beta]), "learning_rate": lr}
+    if u.gamma:  # config validation allows it only for SimPO
+        space["gamma"] = tune.grid_search([float(g) for g in u.gamma])
+    return space
 
 
 def run_sweep(cfg: Config) -> dict:
@@ -114,9 +119,9 @@ def run_sweep(cfg: Config) -> dict:
         rows = []
         for result in grid:
             trial_id = Path(result.path).name  # trial_dirname_creator names trial dirs by id
-            beta, lr = result.config["beta"], result.config["learning_rate"]
-            rows.append(trial_row(trial_id, beta, lr, out / "trials" / trial_dir_name(trial_id, beta, lr),
-                                  result.metrics or {}, None if result.error is None else str(result.error)))
+            beta, lr, gamma = result.config["beta"], result.config["learning_rate"], result.config.get("gamma")
+            rows.append(trial_row(trial_id, beta, lr, out / "trials" / trial_dir_name(trial_id, beta, lr, gamma),
+                                  result.metrics or {}, None if result.error is None else str(result.error), gamma))
         # Child runs of trials ASHA stopped (or that failed) were cut off before they could end themselves.
         parent.end_open_children("KILLED")
         summary = _summarize(cfg, rows, data_stats, time.perf_counter() - started, parent.run_id)
@@ -164,16 +169,20 @@ def _summarize(cfg: Config, rows: list[dict], data_stats: dict, wall_seconds: fl
     best = best_trial(rows, u.metric, u.mode)
     if best and best["model_dir"]:
         shutil.copytree(best["model_dir"], out / "best_model", dirs_exist_ok=True)
-    table = format_table(rows, u.metric, best["trial_id"] if best else None)
+    label = beta_label(cfg.objective)
+    table = format_table(rows, u.metric, best["trial_id"] if best else None, label)
     (out / "trials.md").write_text(table)
-    flat = [{"beta": r["beta"], "learning_rate": r["learning_rate"], **r["metrics"]} for r in rows]
+    # With a γ sweep each (β, γ) is its own heatmap row, so cells never average over γ.
+    flat = [{"beta": f"{r['beta']:g}, γ={r['gamma']:g}" if "gamma" in r else r["beta"],
+             "learning_rate": r["learning_rate"], **r["metrics"]} for r in rows]
+    y_label = f"{label} ({cfg.objective}.beta)" + (", γ (simpo.gamma)" if u.gamma else "")
     figures = [plot_heatmap(flat, "learning_rate", "beta", u.metric, out / f"heatmap_{u.metric.replace('/', '_')}.png",
-                            x_label="learning rate", y_label="λ (orpo.beta)",
+                            x_label="learning rate", y_label=y_label,
                             title=f"{u.metric} (last evaluation of each trial)")]
     per_lambda = lambda_rows(rows, u.metric, u.mode)
     if len(per_lambda) > 1:
         figures.append(plot_lambda_sweep(per_lambda, out / "lambda_effect.png",
-                                         "Effect of λ: best completed trial per λ"))
+                                         f"Effect of {label}: best completed trial per {label}"))
     summary = {
         "metric": u.metric, "mode": u.mode, "wall_seconds": wall_seconds,
         "best": best, "trials": rows, "lambda_effect": per_lambda,
@@ -184,7 +193,7 @@ def _summarize(cfg: Config, rows: list[dict], data_stats: dict, wall_seconds: fl
     (out / RESULTS_FILE).write_text(json.dumps(summary, indent=1, default=str, ensure_ascii=False))
     print(table, flush=True)
     if best:
-        print(f"[orpo-ray tune] best trial {best['trial_id']}: λ={best['beta']:g} lr={best['learning_rate']:.3g} "
+        print(f"[orpo-ray tune] best trial {best['trial_id']}: {label}={best['beta']:g} lr={best['learning_rate']:.3g} "
               f"{u.metric}={best['metrics'][u.metric]:.4f} | {len(rows)} trials in {wall_seconds:.0f} s", flush=True)
     else:
         print("[orpo-ray tune] no trial completed; see tune_results.json for errors", flush=True)

@@ -25,14 +25,20 @@ Pure module: torch only (no ray / deepspeed).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from orpo_ray.forward.logprobs import PolicyOutputs
+from orpo_ray.objectives.base import NLL_METRIC, SHARED_METRIC_NAMES, Objective, as_metrics, shared_metrics
 
 _NEG_LN2 = -math.log(2.0)
+
+# What ``orpo_loss`` returns: TRL's ORPOTrainer names (plus ``loss``), in TRL's logging order.
+ORPO_METRIC_NAMES: tuple[str, ...] = (*SHARED_METRIC_NAMES, "log_odds_ratio", "log_odds_chosen", "loss")
 
 # Upper clamp of the mean log-prob in ``log_odds``; see its docstring.
 MAX_MEAN_LOGP = -1e-6
@@ -78,51 +84,39 @@ def odds_ratio_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor) -> T
     return -F.logsigmoid(log_odds_ratio(chosen_mean_logps, rejected_mean_logps))
 
 
-def step_nll_weights(micro_batch_tokens: list[float], step_tokens: float, micro_batches_in_step: int) -> list[float]:
-    """Weights that turn per-micro-batch token-mean NLLs into the token mean of the whole optimizer step.
-
-    A step averages its losses over ``micro_batches_in_step`` = gradient accumulation steps x ranks (DeepSpeed and
-    DDP divide by both). Averaging per-micro-batch token means would weight a token in a short micro-batch more
-    than one in a long micro-batch, so 2 ranks x 4 pairs would not train like 1 rank x 8 (and accumulation would
-    not equal a bigger batch). With weight_i = n_i * M / N (n_i: this micro-batch's NLL tokens, N: the step's, over
-    all ranks), mean_i(weight_i * nll_i) = sum_i(n_i * nll_i) / N: the token mean over the step, exactly.
-    The weights average to 1, so the NLL keeps its scale. The odds-ratio term is a per-pair mean and needs no
-    weighting: every micro-batch of a training step holds the same number of pairs.
-    """
-    if step_tokens <= 0:
-        return [1.0] * len(micro_batch_tokens)
-    return [n * micro_batches_in_step / step_tokens for n in micro_batch_tokens]
-
-
 def orpo_loss(out: PolicyOutputs, beta: float, nll_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """L_ORPO = nll_weight * nll + beta * mean(L_OR) and detached fp32 0-d metrics under TRL's names.
 
     beta: weight of the odds-ratio term (the paper's lambda; TRL's default 0.1). beta = 0 is plain SFT.
     nll_weight: 1 for one batch on its own; in training, this micro-batch's share of the step's NLL tokens
-        (``step_nll_weights``), so the NLL is a token mean over the whole optimizer step. ``nll_loss`` is logged
-        weighted too: its mean over the step's micro-batches is then the step's token-mean NLL.
-    Returns (loss, metrics); metric names are ``metrics.TRAIN_METRIC_NAMES``.
+        (``objectives.step_nll_weights``), so the NLL is a token mean over the whole optimizer step. ``nll_loss``
+        is logged weighted too: its mean over the step's micro-batches is then the step's token-mean NLL.
+    Returns (loss, metrics); metric names are ``ORPO_METRIC_NAMES``.
     """
     chosen, rejected = out.chosen_logps.float(), out.rejected_logps.float()
     ratio = log_odds_ratio(chosen, rejected)
     log_sig = F.logsigmoid(ratio)  # = -L_OR, logged as ``log_odds_ratio`` like TRL
     nll = out.nll.float() * nll_weight
     loss = nll + beta * (-log_sig).mean()
+    metrics = shared_metrics(out, beta, chosen, rejected, nll)
+    metrics.update({"log_odds_ratio": log_sig.mean(), "log_odds_chosen": ratio.mean(), "loss": loss})
+    return loss, as_metrics(metrics)
 
-    with torch.no_grad():
-        # Accuracy compares the log-probs, not beta * log-probs, so it stays meaningful at beta = 0.
-        metrics = {
-            "rewards/chosen": beta * chosen.mean(),
-            "rewards/rejected": beta * rejected.mean(),
-            "rewards/accuracies": (chosen > rejected).float().mean(),
-            "rewards/margins": beta * (chosen - rejected).mean(),
-            "logps/chosen": chosen.mean(),
-            "logps/rejected": rejected.mean(),
-            "logits/chosen": out.chosen_logits_mean,
-            "logits/rejected": out.rejected_logits_mean,
-            "nll_loss": nll,
-            "log_odds_ratio": log_sig.mean(),
-            "log_odds_chosen": ratio.mean(),
-            "loss": loss,
-        }
-    return loss, {k: v.detach().float().reshape(()) for k, v in metrics.items()}
+
+@dataclass(frozen=True, kw_only=True)
+class ORPO(Objective):
+    """ORPO (``objective: orpo``): ``orpo_loss`` with ``orpo.beta`` (λ) and ``orpo.nll_on_prompt``."""
+
+    name: ClassVar[str] = "orpo"
+    metric_names: ClassVar[tuple[str, ...]] = ORPO_METRIC_NAMES
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ORPO":
+        return cls(beta=cfg.orpo.beta, nll_on_prompt=cfg.orpo.nll_on_prompt)
+
+    def loss(self, out: PolicyOutputs, nll_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+        return orpo_loss(out, self.beta, nll_weight)
+
+    def eval_loss(self, pooled: Mapping[str, float]) -> float:
+        # log_odds_ratio is mean(log sigmoid(ratio)) = -mean(L_OR), so this is L_SFT + beta * mean(L_OR) again.
+        return pooled[NLL_METRIC] - self.beta * pooled["log_odds_ratio"]

@@ -1,4 +1,4 @@
-"""The ORPO training loop: one function, read top to bottom.
+"""The training loop: one function, read top to bottom; the loss comes from the configured objective.
 
 `train_loop_per_worker(config)` is what Ray Train runs on every worker (and what a 1-worker in-process
 run calls directly). Everything environment-specific - rank, data shard, averaging across ranks,
@@ -27,7 +27,7 @@ from orpo_ray.modeling import (
     load_model_and_tokenizer,
     parameter_counts,
 )
-from orpo_ray.objectives.orpo import orpo_loss, step_nll_weights
+from orpo_ray.objectives import build_objective, step_nll_weights
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
 from orpo_ray.results import write_results
 from orpo_ray.train.engine import create_engine, deepspeed_section
@@ -51,6 +51,7 @@ def split_loop_config(config: dict) -> tuple[Config, dict]:
 
 def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) -> dict:
     cfg, extras = split_loop_config(config)
+    objective = build_objective(cfg)
     runtime = runtime or LocalRuntime(cfg)
     is_main = runtime.rank == 0
     t = cfg.train
@@ -97,7 +98,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     if is_main:
         print(f"[orpo-ray] {trainable:,}/{total:,} trainable parameters{' (LoRA adapters)' if cfg.model.lora.enabled else ''}"
               f" | precision {precision} ({precision_reason}) "
-              f"| {data_stats} | {total_steps} steps of {global_batch} pairs"
+              f"| {objective} | {data_stats} | {total_steps} steps of {global_batch} pairs"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
         tracker.log_params({"config": cfg.to_dict(), "data": data_stats, "precision": precision})
 
@@ -110,9 +111,10 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     eval_metrics: dict = {}
     timed_steps, timed_seconds = 0, 0.0  # optimisation loop only: first step (warm-up) and eval excluded
     timed_tokens = step_tokens = 0      # non-pad tokens (prompt counted in both sequences of a pair, as TRL feeds them)
-    collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg)
+    nll_on_prompt = objective.nll_on_prompt
+    collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg, nll_on_prompt)
     wall_start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc="orpo", disable=not (is_main and t.progress_bar),
+    bar = tqdm(total=total_steps, initial=start_step, desc=objective.name, disable=not (is_main and t.progress_bar),
                file=sys.stdout, dynamic_ncols=True)
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
@@ -122,13 +124,13 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         step_tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
         # The NLL is a token mean over the whole step (all micro-batches, all ranks), so the trajectory does not
         # depend on how the global batch is split; the masks give the token counts before any forward pass.
-        nll_tokens = [float(nll_target_mask(batch, cfg.orpo.nll_on_prompt).sum()) for batch in micro_batches]
+        nll_tokens = [float(nll_target_mask(batch, nll_on_prompt).sum()) for batch in micro_batches]
         step_nll_tokens = float(runtime.all_reduce_sum(torch.tensor([sum(nll_tokens)], dtype=torch.float64))[0])
         nll_weights = step_nll_weights(nll_tokens, step_nll_tokens, len(micro_batches) * runtime.world_size)
         for batch, nll_weight in zip(micro_batches, nll_weights):
             with autocast_context(precision, runtime.device):
-                out = policy_forward(engine.model, batch, cfg.orpo.nll_on_prompt, token_stats=token_stats)
-            loss, metrics = orpo_loss(out, cfg.orpo.beta, nll_weight)
+                out = policy_forward(engine.model, batch, nll_on_prompt, token_stats=token_stats)
+            loss, metrics = objective.loss(out, nll_weight)
             engine.backward(loss)
             engine.step()  # DeepSpeed semantics: only updates at the accumulation boundary
             window.add(metrics)
@@ -142,7 +144,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             _inject_fault(cfg, done)
 
         if done % t.log_interval == 0 or done == total_steps:
-            train_metrics = reduce_metrics(window, runtime)
+            train_metrics = reduce_metrics(window, runtime, objective)
             window = MetricAverager()
             train_metrics.update(learning_rate=engine.lr(), epoch=done / per_epoch)
             history.append({"step": done, **train_metrics})
@@ -180,6 +182,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     results = {
         "train": train_metrics,
         "eval": eval_metrics,
+        "objective": objective.name,
         "num_steps": total_steps,
         "resumed_from_step": start_step,
         "global_batch_pairs": global_batch,

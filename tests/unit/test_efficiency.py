@@ -33,7 +33,7 @@ def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precisio
     model.zero_grad()
     batch = make_collate(cfg, TOK.pad_token_id)(rows)
     with autocast_context(precision):
-        out = policy_forward(model, batch, nll_on_prompt, token_stats=make_token_stats(cfg))
+        out = policy_forward(model, batch, nll_on_prompt, token_stats=make_token_stats(cfg, nll_on_prompt))
     loss, metrics = orpo_loss(out, cfg.orpo.beta)
     loss.backward()
     return metrics, {n: p.grad.clone() for n, p in model.named_parameters()}

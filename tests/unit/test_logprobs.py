@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from orpo_ray.forward.logprobs import masked_mean, nll_target_mask, policy_forward, token_logps
-from orpo_ray.objectives.orpo import orpo_loss, step_nll_weights
+from orpo_ray.objectives import step_nll_weights
+from orpo_ray.objectives.orpo import orpo_loss
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from orpo_ray.forward.logprobs import PolicyOutputs
-from orpo_ray.objectives.orpo import MAX_MEAN_LOGP, log1mexp, log_odds, odds_ratio_loss, orpo_loss, step_nll_weights
-from orpo_ray.results import TRAIN_METRIC_NAMES
+from orpo_ray.objectives import step_nll_weights
+from orpo_ray.objectives.orpo import ORPO_METRIC_NAMES as TRAIN_METRIC_NAMES
+from orpo_ray.objectives.orpo import MAX_MEAN_LOGP, log1mexp, log_odds, odds_ratio_loss, orpo_loss
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")

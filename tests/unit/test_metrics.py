@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from orpo_ray.forward.logprobs import PolicyOutputs
+from orpo_ray.objectives.orpo import ORPO_METRIC_NAMES as TRAIN_METRIC_NAMES
 from orpo_ray.objectives.orpo import orpo_loss
-from orpo_ray.results import TRAIN_METRIC_NAMES, with_prefix, write_results
+from orpo_ray.results import with_prefix, write_results
 from orpo_ray.train.metrics import MetricAverager
 
 
