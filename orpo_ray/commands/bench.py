@@ -1,4 +1,7 @@
-"""`orpo-ray bench CONFIG`: TRL's ORPOTrainer against orpo-ray, same model, data, batch, max_length and steps.
+"""`orpo-ray bench CONFIG`: TRL against orpo-ray, same model, data, batch, max_length, steps and objective.
+
+The TRL leg runs the trainer of the config's ``objective``: ORPOTrainer for orpo, CPOTrainer with
+``loss_type="simpo"`` (simpo) or ``"sigmoid"`` (cpo), with the objective's beta / gamma / alpha.
 
 What is compared, and how it is kept fair:
   * One local model directory: the tiny Llama of ``model.tiny`` (fixed seed) with a byte-level BPE tokenizer of
@@ -6,8 +9,9 @@ What is compared, and how it is kept fair:
   * The same pairs in the same order: only HH pairs that need no truncation at ``data.max_length`` and whose
     response tokens are the same whether tokenized alone (orpo-ray) or jointly with the prompt (TRL) are used;
     TRL reads them sequentially in exactly the order orpo-ray's in-process runtime visits them.
-  * Same optimiser settings (AdamW, constant LR, no warm-up, clip 1.0), ``orpo.beta``; the NLL over prompt +
-    chosen response on both sides (``orpo.nll_on_prompt: true`` is TRL's definition).
+  * Same optimiser settings (AdamW, constant LR, no warm-up, clip 1.0) and objective hyper-parameters. ORPO:
+    the NLL over prompt + chosen response on both sides (``orpo.nll_on_prompt: true`` is TRL's definition);
+    SimPO / CPO: over the chosen response (TRL's CPOTrainer masks the prompt, as orpo-ray does for them).
   * Each leg runs in its own subprocess (``python -m orpo_ray.commands.bench --leg SPEC.json --out RESULT.json``), so its
     peak RSS is its own. Speed is the optimisation loop only, the first (warm-up) step excluded; for TRL from
     step begin to step end (its data loading is *not* counted, which favours TRL slightly).
@@ -30,6 +34,7 @@ import torch
 
 from orpo_ray.config import Config, config_from_dict, parse_override, set_dotted
 from orpo_ray.data.order import TrainingOrder
+from orpo_ray.objectives import build_objective
 from orpo_ray.precision import hardware_summary
 
 
@@ -144,14 +149,29 @@ def run_orpo_leg(spec: dict) -> dict:
             "losses": losses, "precision": results["precision"], "world_size": results["world_size"]}
 
 
+def trl_trainer_for(cfg: Config) -> tuple[type, type, dict]:
+    """(TRL trainer class, its config class, objective arguments) for ``cfg.objective``."""
+    if cfg.objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer, ORPOConfig, {"beta": cfg.orpo.beta}
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    if cfg.objective == "simpo":
+        s = cfg.simpo
+        return CPOTrainer, CPOConfig, {"loss_type": "simpo", "beta": s.beta, "simpo_gamma": s.gamma,
+                                       "cpo_alpha": s.alpha}
+    return CPOTrainer, CPOConfig, {"loss_type": "sigmoid", "beta": cfg.cpo.beta, "cpo_alpha": cfg.cpo.alpha}
+
+
 def run_trl_leg(spec: dict) -> dict:
-    """TRL's ORPOTrainer on the same model directory and pairs, read sequentially in orpo-ray's order."""
+    """TRL's trainer for the objective on the same model directory and pairs, read sequentially in orpo-ray's order."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     cfg = config_from_dict(spec["config"])
+    trl_trainer, trl_config, objective_args = trl_trainer_for(cfg)
     t = cfg.train
     tok = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], local_files_only=True, dtype=torch.float32,
@@ -170,7 +190,7 @@ def run_trl_leg(spec: dict) -> dict:
                 timing["tokens"] += timing["step_tokens"]
             timing["step_tokens"] = 0
 
-    class Trainer(ORPOTrainer):
+    class Trainer(trl_trainer):
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
@@ -178,11 +198,11 @@ def run_trl_leg(spec: dict) -> dict:
             timing["step_tokens"] += int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum())
             return super().training_step(model, inputs, *args, **kwargs)
 
-    args = ORPOConfig(
+    args = trl_config(
         output_dir=spec["work"], per_device_train_batch_size=t.per_device_batch_size, max_steps=t.max_steps,
         learning_rate=t.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=t.weight_decay,
         adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1], max_grad_norm=t.max_grad_norm,
-        max_length=cfg.data.max_length, beta=cfg.orpo.beta, logging_steps=1, report_to="none",
+        max_length=cfg.data.max_length, logging_steps=1, report_to="none", **objective_args,
         save_strategy="no", use_cpu=True, bf16=spec["precision"] == "bf16", seed=t.seed,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
     )
@@ -257,7 +277,8 @@ def run_bench(cfg: Config) -> dict:
               "setting": {"vocab_size": cfg.bench.vocab_size, "tiny": cfg.to_dict()["model"]["tiny"],
                           "batch": cfg.train.per_device_batch_size, "max_length": cfg.data.max_length,
                           "steps": cfg.train.max_steps, "timed_steps": cfg.train.max_steps - 1,
-                          "nll_on_prompt": cfg.orpo.nll_on_prompt},
+                          "objective": cfg.objective,
+                          "nll_on_prompt": build_objective(cfg).nll_on_prompt},
               "note": f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end (above 0.5 other "
                       "work shared the cores); short runs, first step excluded, fastest of bench.repeats per leg"}
     (out / "bench.json").write_text(json.dumps(report, indent=1))

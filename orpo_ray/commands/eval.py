@@ -2,8 +2,8 @@
 
 On the config's eval pairs (the same split and truncation as training) this reports, under TRL's names with
 the `eval_` prefix, what `train/evaluation.evaluate` reports during training - preference accuracy (share of pairs
-whose chosen mean log-prob beats the rejected one), `eval_logps/chosen|rejected`, the NLL and odds-ratio parts
-of the ORPO loss at the config's `orpo.beta` - plus `eval_logps/margins`, and greedy generations for the first
+whose chosen log-prob beats the rejected one), `eval_logps/chosen|rejected`, the NLL and the other parts of the
+config's `objective` at its beta - plus `eval_logps/margins`, and greedy generations for the first
 `eval.num_generations` prompts. Writes `eval.json` to `output_dir`; logs to MLflow when tracking is on.
 
 `eval_logps/margins` = mean(chosen - rejected mean log-prob). TRL's `rewards/margins` is that times beta, so it
@@ -20,6 +20,7 @@ import torch
 
 from orpo_ray.config import Config
 from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
+from orpo_ray.objectives import build_objective
 from orpo_ray.precision import select_precision
 from orpo_ray.results import MARGIN_KEY, logp_margin
 from orpo_ray.train.evaluation import evaluate
@@ -94,7 +95,8 @@ def run_eval(cfg: Config, *, mlflow_uri: str | None = None, parent_run_id: str |
     prompts = runtime.prepared.eval_rows[: cfg.eval.num_generations]
     results = {
         "checkpoint": str(model_dir),
-        "beta": cfg.orpo.beta,
+        "objective": cfg.objective,
+        "beta": build_objective(cfg).beta,
         "eval_pairs": data_stats["eval_pairs"],
         "precision": precision,
         "eval": metrics,
@@ -115,7 +117,7 @@ def _track(cfg: Config, results: dict, eval_json: Path, mlflow_uri: str | None, 
     with tracker:
         tracker.start(cfg.tracking.experiment, run_name=f"eval-{Path(cfg.output_dir).name}",
                       tags={"kind": "eval", "checkpoint": results["checkpoint"]}, parent_run_id=parent_run_id)
-        tracker.log_params({"eval": dataclasses.asdict(cfg.eval), "orpo.beta": cfg.orpo.beta,
+        tracker.log_params({"eval": dataclasses.asdict(cfg.eval), f"{cfg.objective}.beta": results["beta"],
                             "eval_pairs": results["eval_pairs"]})
         tracker.log_metrics(results["eval"], step=0)
         tracker.log_artifact(eval_json)

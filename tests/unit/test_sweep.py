@@ -143,3 +143,27 @@ def test_saved_state_recognises_the_same_run_and_refuses_another(tmp_path):
                       "sweep")["completed"] is False
     with pytest.raises(ConfigError, match=r"holds a sweep with a different config \(orpo\.beta\)"):
         read_state(state_file, load_config(None, [f"output_dir={tmp_path}", "orpo.beta=0.5"]), "sweep")
+
+
+def test_trial_config_sets_the_objectives_beta_and_simpo_gamma():
+    base = load_config(None, ["output_dir=/sweeps/s2", "objective=simpo", "simpo.gamma=1.0", "orpo.beta=0.1"])
+    cfg = trial_config(base, "cd34_00001", 2.5, 1e-3, gamma=0.5)
+    assert (cfg.simpo.beta, cfg.simpo.gamma, cfg.orpo.beta) == (2.5, 0.5, 0.1)  # ORPO's section untouched
+    assert cfg.output_dir == "/sweeps/s2/trials/cd34_00001_beta2.5_gamma0.5_lr0.001"
+    assert cfg.tracking.run_name == "s2 β=2.5 γ=0.5 lr=0.001"
+    cpo = trial_config(load_config(None, ["objective=cpo"]), "t", 0.3, 1e-3)
+    assert (cpo.cpo.beta, cpo.orpo.beta) == (0.3, 0.1)
+
+
+def test_the_metric_must_be_one_the_objective_reports():
+    check_metric(load_config(None, ["objective=simpo", "tune.metric=eval_preference_loss"]))
+    with pytest.raises(ConfigError, match="tune.metric"):
+        check_metric(load_config(None, ["objective=simpo", "tune.metric=eval_log_odds_ratio"]))  # ORPO's
+
+
+def test_format_table_has_a_gamma_column_when_gamma_is_swept():
+    rows = [_row("a", 2.0, 1e-3, "completed", _metrics(0.6), gamma=1.5),
+            _row("b", 2.0, 1e-3, "completed", _metrics(0.8), gamma=0.5)]
+    header, _, first, second = format_table(rows, "eval_rewards/accuracies", "b", beta_name="β").splitlines()
+    assert header.startswith("| trial | β | γ | learning rate | status |")
+    assert first.startswith("| b (best) | 2 | 0.5 | 0.001 |") and second.startswith("| a | 2 | 1.5 | 0.001 |")
