@@ -15,7 +15,7 @@ class MetricAverager:
     a device sync — only ``compute`` / ``as_tensor`` do.
 
     Across ranks: ``t = avg.as_tensor(names)``; ``all_reduce(t, SUM)``; ``MetricAverager.from_tensor(t, names)
-    .compute()``. Every rank must pass the same ``names`` (e.g. ``TRAIN_METRIC_NAMES``).
+    .compute()``. Every rank must pass the same ``names`` (e.g. ``Objective.metric_names``).
     """
 
     def __init__(self) -> None:
