@@ -1,7 +1,7 @@
 """`orpo-ray data-report CONFIG`: what is in the preference data, before any compute is spent on it.
 
-Reads through the same path as training (prepare.read_split_pairs -> tokenize_pairs: same formats,
-quarantine and truncation policy) and reports: rows per format, quarantined rows by reason with examples,
+Reads through the same path as training (prepare.prepare_data: same formats, quarantine, truncation and
+data policy) and reports: rows per format, quarantined rows by reason with examples,
 token-length percentiles, what the truncation policy cuts, pairs that carry no ORPO signal (chosen and
 rejected identical or nearly so after tokenization), duplicate prompts, and how much of a padded batch
 would be padding. Writes data_report.json and a length histogram PNG to output_dir.
@@ -18,7 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from orpo_ray.config import Config
-from orpo_ray.data.prepare import identical_responses, read_split_pairs, tokenize_pairs
+from orpo_ray.data.policy import identical_responses
+from orpo_ray.data.prepare import prepare_data
 from orpo_ray.data.records import detect_format, iter_records
 from orpo_ray.data.tokenize import render_pair
 from orpo_ray.modeling import load_tokenizer
@@ -83,10 +84,12 @@ def rows_by_format(files: list[str], configured: str, pairs: list, quarantined: 
 
 def build_report(cfg: Config, tokenizer) -> dict:
     d = cfg.data
-    train_pairs, eval_pairs, quarantined, sources = read_split_pairs(cfg)
+    prepared = prepare_data(cfg, tokenizer)
+    quarantined, sources, train_rows, rows = (prepared.quarantined, prepared.sources, prepared.train_rows,
+                                              prepared.train_rows + prepared.eval_rows)
+    pair_of = lambda r: prepared.pairs[(r["source"], r["row"])]  # noqa: E731
+    train_pairs, eval_pairs = list(map(pair_of, train_rows)), list(map(pair_of, prepared.eval_rows))
     pairs = train_pairs + eval_pairs
-    train_rows = tokenize_pairs(train_pairs, tokenizer, d.max_length, d.max_prompt_length)
-    rows = train_rows + tokenize_pairs(eval_pairs, tokenizer, d.max_length, d.max_prompt_length)
     # Untruncated lengths (no BOS/EOS), to show what max_length would cut.
     raw = [render_pair(p, tokenizer) for p in pairs]
     raw_lengths = {k: [len(ids) for ids in tokenizer([r[i] for r in raw], add_special_tokens=False)["input_ids"]]
@@ -95,7 +98,7 @@ def build_report(cfg: Config, tokenizer) -> dict:
     by_reason: dict[str, list] = {}
     for q in quarantined:
         by_reason.setdefault(q.reason, []).append({"source": q.source, "row": q.row, "excerpt": q.excerpt})
-    identical = sum(identical_responses(r) for r in rows)
+    identical = prepared.stats["identical_pairs"]  # counted before data.drop_identical_pairs
     near = sum(map(nearly_identical, rows))
     key = lambda p: p.prompt if isinstance(p.prompt, str) else json.dumps(p.prompt)  # noqa: E731
     train_prompts, eval_prompts = Counter(map(key, train_pairs)), Counter(map(key, eval_pairs))

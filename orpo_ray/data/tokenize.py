@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from orpo_ray.data.policy import row_flags
 from orpo_ray.data.records import PreferencePair, row_to_pair
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_tokens_cut", "response_tokens_cut")
+FLAG_COLUMNS = ("identical", "truncated")  # policy.row_flags, computed where the tokens are
 
 
 def render_pair(pair: PreferencePair, tokenizer: Any) -> tuple[str, str, str]:
@@ -75,19 +77,24 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, max_l
     }
 
 
+def tokenize_row(pair: PreferencePair, tokenizer: Any, max_length: int, max_prompt_length: int) -> dict:
+    """One pair -> its tokenized row, with its (source, row) and the flags `policy` reads."""
+    tokens = tokenize_pair(*render_pair(pair, tokenizer), tokenizer, max_length, max_prompt_length)
+    return {**tokens, **row_flags(tokens), "source": pair.source, "row": pair.row}
+
+
 def tokenize_batch(batch: Mapping[str, Sequence], tokenizer: Any, max_length: int, max_prompt_length: int,
                    keep: Sequence[str] = ()) -> dict[str, list]:
     """Ray Data `map_batches` body: columns of `data.pair_to_row` -> columns of the tokenized row.
 
     Columns named in `keep` (e.g. "source", "row") are passed through unchanged, so callers can carry
-    bookkeeping next to the token ids.
+    bookkeeping next to the token ids; FLAG_COLUMNS carry what `policy` needs to know of each row.
     """
-    out: dict[str, list] = {k: [] for k in (*TOKEN_COLUMNS, *keep)}
+    out: dict[str, list] = {k: [] for k in (*TOKEN_COLUMNS, *FLAG_COLUMNS, *keep)}
     for i in range(len(batch["prompt"])):
-        pair = row_to_pair({k: batch[k][i] for k in batch})
-        tokens = tokenize_pair(*render_pair(pair, tokenizer), tokenizer, max_length, max_prompt_length)
-        for k in TOKEN_COLUMNS:
-            out[k].append(tokens[k])
+        row = tokenize_row(row_to_pair({k: batch[k][i] for k in batch}), tokenizer, max_length, max_prompt_length)
+        for k in (*TOKEN_COLUMNS, *FLAG_COLUMNS):
+            out[k].append(row[k])
         for k in keep:
             out[k].append(batch[k][i])
     return out
