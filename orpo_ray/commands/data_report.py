@@ -20,7 +20,7 @@ from pathlib import Path
 from orpo_ray.config import Config
 from orpo_ray.data.policy import identical_responses
 from orpo_ray.data.prepare import prepare_data
-from orpo_ray.data.records import detect_format, iter_records
+from orpo_ray.data.records import closest_format, detect_format, iter_records
 from orpo_ray.data.tokenize import render_pair
 from orpo_ray.modeling import load_tokenizer
 
@@ -37,17 +37,22 @@ def percentiles(values: list[int]) -> dict:
             "mean": round(sum(ordered) / len(ordered), 1)}
 
 
-def file_format(path: str, configured: str) -> str:
-    """The format a file is read as: the configured one, or what its first well-formed record shows."""
-    if configured != "auto":
-        return configured
-    for _, record in iter_records(path):
-        if isinstance(record, dict):
-            try:
-                return detect_format(record)
-            except ValueError:
-                continue
-    return "unknown"
+def row_formats(files: list[str], configured: str, on_damaged: str) -> dict[tuple[str, int], str]:
+    """(source, row) -> the format the row is read as: the configured one, or the row's own (closest) shape."""
+    out = {}
+    for f in dict.fromkeys(files):  # train and eval may be the same file
+        for row, record in iter_records(f, on_damaged):
+            if configured != "auto":
+                fmt = configured
+            elif isinstance(record, dict):
+                try:
+                    fmt = detect_format(record)
+                except ValueError:
+                    fmt = closest_format(record) or "unknown"
+            else:
+                fmt = "unknown"
+            out[(f, row)] = fmt
+    return out
 
 
 def padding_waste(rows: list[dict], pairs_per_batch: int) -> float:
@@ -71,14 +76,12 @@ def nearly_identical(row: dict, threshold: float = NEAR_IDENTICAL_RATIO) -> bool
     return matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold
 
 
-def rows_by_format(files: list[str], configured: str, pairs: list, quarantined: list) -> dict:
-    """{format: {"pairs": n, "quarantined": m}} over the input files."""
+def rows_by_format(formats: dict[tuple[str, int], str], pairs: list, quarantined: list) -> dict:
+    """{format: {"pairs": n, "quarantined": m}}, each row counted under its own format."""
     counts: dict[str, Counter] = {}
-    for f in dict.fromkeys(files):  # train and eval may be the same file
-        fmt = file_format(f, configured)
-        c = counts.setdefault(fmt, Counter())
-        c["pairs"] += sum(p.source == f for p in pairs)
-        c["quarantined"] += sum(q.source == f for q in quarantined)
+    for kind, items in (("pairs", pairs), ("quarantined", quarantined)):
+        for item in items:
+            counts.setdefault(formats.get((item.source, item.row), "unknown"), Counter())[kind] += 1
     return {fmt: dict(c) for fmt, c in counts.items()}
 
 
@@ -107,7 +110,7 @@ def build_report(cfg: Config, tokenizer) -> dict:
     files = [sources.train_path] + ([sources.eval_path] if sources.eval_path else [])
     return {
         "sources": files,
-        "rows_by_format": rows_by_format(files, d.format, pairs, quarantined),
+        "rows_by_format": rows_by_format(row_formats(files, d.format, d.on_damaged_file), pairs, quarantined),
         "pairs": {"train": len(train_pairs), "eval": len(eval_pairs)},
         "quarantined": {"total": len(quarantined),
                         "by_reason": {k: {"count": len(v), "examples": v[:EXAMPLES_PER_REASON]}

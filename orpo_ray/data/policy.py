@@ -10,6 +10,8 @@ Per split, rows are visited in (source, row) order:
   2. before that, a row whose tokenization failed is quarantined with its reason, any other row is kept;
   3. then, with data.drop_identical_pairs, kept pairs whose chosen and rejected tokenize identically are dropped
      (limits apply before the drop, so the pair count a limit gives does not depend on the drop).
+Every row read is counted exactly once: rows_read == train_pairs + eval_pairs + quarantined
++ dropped_identical_pairs + dropped_over_limit.
 
 Pure module: no ray, no deepspeed, no tokenizer.
 """
@@ -78,10 +80,16 @@ def select_split(items: Iterable[Any], key: Callable[[Any], tuple], outcome: Cal
     return out
 
 
-def data_stats(train: SplitSelection, evals: SplitSelection, read_quarantine: Sequence[Quarantined]) -> dict:
-    """The stats both paths report (train_loop prints them, results.json and MLflow keep them)."""
+def data_stats(train: SplitSelection, evals: SplitSelection, read_quarantine: Sequence[Quarantined],
+               pairs_read: int) -> dict:
+    """The stats both paths report (train_loop prints them, results.json and MLflow keep them).
+
+    rows_read is counted by the readers (pairs parsed + rows quarantined while reading), independently of the
+    policy, so the identity in the module docstring is a check that the policy accounts for every pair.
+    """
     quarantined = list(read_quarantine) + train.quarantined + evals.quarantined
     return {
+        "rows_read": pairs_read + len(read_quarantine),
         "train_pairs": len(train.kept),
         "eval_pairs": len(evals.kept),
         "quarantined": len(quarantined),
@@ -89,6 +97,7 @@ def data_stats(train: SplitSelection, evals: SplitSelection, read_quarantine: Se
         "truncated_pairs": sum(bool(r["truncated"]) for r in train.kept + evals.kept),
         "identical_pairs": train.identical + evals.identical,
         "dropped_identical_pairs": train.dropped_identical + evals.dropped_identical,
+        "dropped_over_limit": train.over_limit + evals.over_limit,
     }
 
 

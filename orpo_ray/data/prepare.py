@@ -88,9 +88,9 @@ def read_splits(cfg: Config) -> tuple[list, list, list[Quarantined], DataSources
     No limits yet: `policy.select_split` applies them."""
     d = cfg.data
     sources = resolve_sources(cfg)
-    train_pairs, quarantined = read_pairs(sources.train_path, d.format)
+    train_pairs, quarantined = read_pairs(sources.train_path, d.format, d.max_chars, d.on_damaged_file)
     if sources.eval_path is not None:
-        eval_pairs, eval_q = read_pairs(sources.eval_path, d.format)
+        eval_pairs, eval_q = read_pairs(sources.eval_path, d.format, d.max_chars, d.on_damaged_file)
         quarantined += eval_q
     else:
         train_pairs, eval_pairs = split_for_eval(train_pairs, d.eval_fraction)
@@ -112,7 +112,7 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     require_train_pairs(train, quarantined, sources.train_path)
     by_key = {pair_key(p): p for p in train_pairs + eval_pairs}
     pairs = {(r["source"], r["row"]): by_key[(r["source"], r["row"])] for r in train.kept + evals.kept}
-    return PreparedData(train.kept, evals.kept, quarantined, sources, data_stats(train, evals, read_quarantine), pairs)
+    return PreparedData(train.kept, evals.kept, quarantined, sources, data_stats(train, evals, read_quarantine, len(train_pairs) + len(eval_pairs)), pairs)
 
 
 def save_quarantine(prepared: PreparedData, output_dir: str | Path) -> Path:
@@ -126,7 +126,7 @@ def fingerprint(cfg: Config, tokenizer) -> str:
     d = cfg.data
     parts = {
         "train": d.train_path, "eval": d.eval_path, "train_split": d.train_split, "eval_split": d.eval_split,
-        "format": d.format, "max_length": d.max_length,
+        "format": d.format, "max_length": d.max_length, "max_chars": d.max_chars, "on_damaged_file": d.on_damaged_file,
         "max_prompt_length": d.max_prompt_length, "eval_fraction": d.eval_fraction,
         "synthetic": vars(d.synthetic) if d.train_path is None else None,
         "max_train_pairs": d.max_train_pairs, "max_eval_pairs": d.max_eval_pairs,

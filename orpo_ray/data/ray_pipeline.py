@@ -21,19 +21,28 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from orpo_ray.config import Config
 from orpo_ray.data.policy import data_stats, require_train_pairs, select_split
 from orpo_ray.data.prepare import fingerprint, resolve_sources, split_for_eval
-from orpo_ray.data.records import Quarantined, pair_to_row, read_pairs, write_quarantine
-from orpo_ray.data.tokenize import FLAG_COLUMNS, TOKEN_COLUMNS, tokenize_batch
+from orpo_ray.data.records import DamagedFileError, Quarantined, pair_to_row, read_pairs, write_quarantine
+from orpo_ray.data.tokenize import FLAG_COLUMNS, QUARANTINE_COLUMNS, TOKEN_COLUMNS, tokenize_batch
 from orpo_ray.modeling import load_tokenizer
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
 
 
-def parse_file(item: dict, fmt: str, eval_fraction: float) -> list[dict]:
-    """One input file -> rows with a uniform schema: kind 'pair' (with split) or kind 'quarantine'."""
-    pairs, quarantined = read_pairs(item["path"], fmt)
+def parse_file(item: dict, fmt: str, eval_fraction: float, max_chars: int, on_damaged: str) -> list[dict]:
+    """One input file -> rows with a uniform schema: kind 'pair' (with split), 'quarantine' or 'damaged' (the
+    file broke off and data.on_damaged_file is 'error': the driver raises that error, not Ray's wrapper of it)."""
+    try:
+        pairs, quarantined = read_pairs(item["path"], fmt, max_chars, on_damaged)
+    except DamagedFileError as e:
+        return [{"kind": "damaged", "split": "", "order": 0, "prompt": "", "chosen": "", "rejected": "",
+                 "conversational": False, "source": item["path"], "row": 0, "reason": str(e), "excerpt": ""}]
     if item["split"]:
         splits = [(item["split"], pairs)]
     else:
@@ -60,7 +69,10 @@ def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
     if sources.eval_path:
         items.append({"path": sources.eval_path, "split": "eval"})
     parsed = ray.data.from_items(items).flat_map(
-        parse_file, fn_kwargs={"fmt": d.format, "eval_fraction": d.eval_fraction}).materialize()
+        parse_file, fn_kwargs={"fmt": d.format, "eval_fraction": d.eval_fraction, "max_chars": d.max_chars,
+                               "on_damaged": d.on_damaged_file}).materialize()
+    if damaged := parsed.filter(lambda r: r["kind"] == "damaged").take(1):
+        raise DamagedFileError(damaged[0]["reason"])
 
     read_quarantine = [Quarantined(r["source"], int(r["row"]), r["reason"], r["excerpt"])
                        for r in parsed.filter(lambda r: r["kind"] == "quarantine").take_all()]
@@ -71,15 +83,16 @@ def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
                  .materialize())
     # The policy (limits, identical pairs, counts) runs on the driver over small per-row outcomes, the same
     # function the in-process path calls; the token ids stay in the Ray dataset.
-    outcomes = tokenized.select_columns(["split", "source", "row", *FLAG_COLUMNS]).take_all() \
-        if tokenized.count() else []
+    columns = ["split", "source", "row", *FLAG_COLUMNS, *QUARANTINE_COLUMNS]
+    outcomes = tokenized.select_columns(columns).take_all() if tokenized.count() else []
     key = lambda r: (str(r["source"]), int(r["row"]))  # noqa: E731
-    selections = {split: select_split([r for r in outcomes if r["split"] == split], key, lambda r: r, limit,
+    outcome = lambda r: Quarantined(*key(r), r["reason"], r["excerpt"]) if r["reason"] else r  # noqa: E731
+    selections = {split: select_split([r for r in outcomes if r["split"] == split], key, outcome, limit,
                                       d.drop_identical_pairs)
                   for split, limit in (("train", d.max_train_pairs), ("eval", d.max_eval_pairs))}
     quarantined = read_quarantine + selections["train"].quarantined + selections["eval"].quarantined
     require_train_pairs(selections["train"], quarantined, sources.train_path)
-    stats = data_stats(selections["train"], selections["eval"], read_quarantine) | {
+    stats = data_stats(selections["train"], selections["eval"], read_quarantine, len(outcomes)) | {
         "sources": [i["path"] for i in items]}
 
     tmp = cache.with_name(cache.name + ".tmp")
@@ -89,6 +102,11 @@ def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
         # Sorted by (source, row) so the cache's row order - and so training order - is reproducible.
         part = tokenized.filter(lambda r, s=split, k=keep: r["split"] == s and key(r) in k).sort(["source", "row"])
         count = len(keep)
+        if count == 0:  # Ray writes no file for an empty dataset; an empty split must still read back (0 rows)
+            (tmp / split).mkdir(parents=True)
+            pq.write_table(pa.table({k: pa.array([], pa.list_(pa.int64()) if k.endswith("_ids") else pa.int64())
+                                     for k in TOKEN_COLUMNS}), tmp / split / "empty.parquet")
+            continue
         part.select_columns(list(TOKEN_COLUMNS)).repartition(max(1, min(8, count // 2048 + 1))).write_parquet(
             str(tmp / split))
     write_quarantine(tmp / "quarantine.jsonl", quarantined)

@@ -63,7 +63,8 @@ def test_quarantined_rows_of_train_and_eval_files_are_counted_and_written(tmp_pa
                               "quarantined_by_reason": {
                                   "invalid JSON: Expecting property name enclosed in double quotes (column 2)": 1,
                                   "empty chosen response": 1, "row is list, expected a JSON object": 1},
-                              "identical_pairs": 0, "dropped_identical_pairs": 0}
+                              "identical_pairs": 0, "dropped_identical_pairs": 0, "rows_read": 6,
+                              "dropped_over_limit": 0}
     lines = save_quarantine(prepared, tmp_path / "out").read_text().splitlines()
     assert [json.loads(line)["row"] for line in lines] == [2, 4, 2]
 
