@@ -3,7 +3,8 @@
 `data_files()` draws a train file and (maybe) an eval file, each JSONL, JSONL.gz or Parquet, full of rows of
 every shape the reader meets in the wild: the three formats, missing and extra keys, wrong types, empty and
 whitespace strings, lone surrogates, control characters, RTL and combining text, strings over data.max_chars,
-prompts longer than max_length, chosen == rejected, broken JSON, invalid UTF-8, a BOM, CRLF line ends.
+prompts longer than max_length, chosen == rejected, broken or too deeply nested JSON, invalid UTF-8, a BOM,
+CRLF line ends, a truncated .gz.
 The writer counts the rows it wrote (non-blank lines, Parquet rows) independently of the reader, so a test can
 check that every row read is accounted for. Every train file starts with MIN_VALID plain pairs, so a run always
 has something to train on; the eval file may end up empty or fully quarantined.
@@ -89,7 +90,8 @@ def mangled(draw, row: dict) -> dict:
 RECORD = st.one_of(pair_row(), hh_row(), conversational_row(),
                    st.one_of(pair_row(), hh_row(), conversational_row()).flatmap(mangled))
 RAW_LINE = st.sampled_from([b"{broken", b"[1, 2]", b"null", b'"a string"', b"42", b'{"prompt": "\xff\xfe"}',
-                            b'{"prompt": "p", "chosen": "c", "rejected": "r"', b"\xef\xbb\xbf{}"])
+                            b'{"prompt": "p", "chosen": "c", "rejected": "r"', b"\xef\xbb\xbf{}",
+                            b"[" * 5000 + b"]" * 5000])  # nested deeper than the JSON decoder recurses
 
 
 def valid_pair(i: int) -> dict:

@@ -169,6 +169,8 @@ def _decode_json_line(raw: bytes, source: str, row: int) -> dict | Quarantined:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         return Quarantined(source, row, f"invalid JSON: {e.msg} (column {e.colno})", text[:EXCERPT_CHARS])
+    except RecursionError:  # valid JSON nested thousands deep: the decoder recurses once per level
+        return Quarantined(source, row, "invalid JSON: nested too deeply to decode", text[:EXCERPT_CHARS])
     if not isinstance(record, dict):
         return Quarantined(source, row, f"row is {type(record).__name__}, expected a JSON object", text[:EXCERPT_CHARS])
     return record

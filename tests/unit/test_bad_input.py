@@ -70,6 +70,11 @@ def test_a_lone_surrogate_is_quarantined_before_the_tokenizer_sees_it(tmp_path):
     assert json.loads(lines[0])["row"] == 1 and "\\ud800" in json.loads(lines[0])["excerpt"]
 
 
+def test_json_nested_deeper_than_the_decoder_recurses_is_quarantined(tmp_path):
+    path = jsonl(tmp_path / "deep.jsonl", ['{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", PAIR])
+    assert pairs_and_reasons(path) == ([2], [(1, "invalid JSON: nested too deeply to decode")])  # was RecursionError
+
+
 def test_a_utf8_bom_does_not_quarantine_row_1(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(PAIR).encode() + b"\r\n" + json.dumps(PAIR).encode() + b"\r\n")
