@@ -34,7 +34,7 @@ def token_rows(rows) -> list[list[list[int]]]:
     return [[[int(t) for t in r[k]] for k in KEYS] for r in rows]
 
 
-@profile(max_examples=4)
+@profile(max_examples=3)
 @given(example=data_files())
 def test_ray_data_and_in_process_keep_the_same_rows(_ray_local_session, example):
     tok = build_byte_tokenizer()
