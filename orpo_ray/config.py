@@ -114,7 +114,16 @@ class DataSection:
         "that has one, else eval_fraction of train_path."
     )
     format: Literal["auto", "pairs", "conversational", "hh"] = _f(
-        "auto", "Row format: {prompt,chosen,rejected} strings, chat messages, or Anthropic HH transcripts."
+        "auto", "Row format: {prompt,chosen,rejected} strings, chat messages, or Anthropic HH transcripts; 'auto' "
+        "detects each row's own format (a file may mix them), any other value forces it for every row."
+    )
+    max_chars: int = _f(
+        1_000_000, "Rows with more characters of prompt+chosen+rejected text are quarantined before tokenization "
+        "(bounds the work one row can cause; real pairs are a few thousand characters)."
+    )
+    on_damaged_file: Literal["error", "quarantine"] = _f(
+        "error", "A truncated or mislabelled .gz/.parquet file: 'error' stops naming the file, row and byte; "
+        "'quarantine' keeps the rows read before the damage and quarantines the rest as one row."
     )
     max_length: int = _f(512, "Longest prompt+response sequence in tokens.")
     max_prompt_length: int = _f(
@@ -312,6 +321,8 @@ class Config:
     def validate(self, where: str = "config") -> "Config":
         """Cross-field checks the type system cannot express."""
         d, t = self.data, self.train
+        if d.max_chars < 1:
+            raise ConfigError(f"{where}: data.max_chars must be >= 1, got {d.max_chars}")
         if not 0 < d.max_prompt_length < d.max_length:
             raise ConfigError(
                 f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length "

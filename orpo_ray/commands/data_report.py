@@ -1,7 +1,7 @@
 """`orpo-ray data-report CONFIG`: what is in the preference data, before any compute is spent on it.
 
-Reads through the same path as training (prepare.read_split_pairs -> tokenize_pairs: same formats,
-quarantine and truncation policy) and reports: rows per format, quarantined rows by reason with examples,
+Reads through the same path as training (prepare.prepare_data: same formats, quarantine, truncation and
+data policy) and reports: rows per format, quarantined rows by reason with examples,
 token-length percentiles, what the truncation policy cuts, pairs that carry no ORPO signal (chosen and
 rejected identical or nearly so after tokenization), duplicate prompts, and how much of a padded batch
 would be padding. Writes data_report.json and a length histogram PNG to output_dir.
@@ -18,8 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 from orpo_ray.config import Config
-from orpo_ray.data.prepare import identical_responses, read_split_pairs, tokenize_pairs
-from orpo_ray.data.records import detect_format, iter_records
+from orpo_ray.data.policy import identical_responses
+from orpo_ray.data.prepare import prepare_data
+from orpo_ray.data.records import closest_format, detect_format, iter_records
 from orpo_ray.data.tokenize import render_pair
 from orpo_ray.modeling import load_tokenizer
 
@@ -36,17 +37,22 @@ def percentiles(values: list[int]) -> dict:
             "mean": round(sum(ordered) / len(ordered), 1)}
 
 
-def file_format(path: str, configured: str) -> str:
-    """The format a file is read as: the configured one, or what its first well-formed record shows."""
-    if configured != "auto":
-        return configured
-    for _, record in iter_records(path):
-        if isinstance(record, dict):
-            try:
-                return detect_format(record)
-            except ValueError:
-                continue
-    return "unknown"
+def row_formats(files: list[str], configured: str, on_damaged: str) -> dict[tuple[str, int], str]:
+    """(source, row) -> the format the row is read as: the configured one, or the row's own (closest) shape."""
+    out = {}
+    for f in dict.fromkeys(files):  # train and eval may be the same file
+        for row, record in iter_records(f, on_damaged):
+            if configured != "auto":
+                fmt = configured
+            elif isinstance(record, dict):
+                try:
+                    fmt = detect_format(record)
+                except ValueError:
+                    fmt = closest_format(record) or "unknown"
+            else:
+                fmt = "unknown"
+            out[(f, row)] = fmt
+    return out
 
 
 def padding_waste(rows: list[dict], pairs_per_batch: int) -> float:
@@ -70,23 +76,23 @@ def nearly_identical(row: dict, threshold: float = NEAR_IDENTICAL_RATIO) -> bool
     return matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold
 
 
-def rows_by_format(files: list[str], configured: str, pairs: list, quarantined: list) -> dict:
-    """{format: {"pairs": n, "quarantined": m}} over the input files."""
+def rows_by_format(formats: dict[tuple[str, int], str], pairs: list, quarantined: list) -> dict:
+    """{format: {"pairs": n, "quarantined": m}}, each row counted under its own format."""
     counts: dict[str, Counter] = {}
-    for f in dict.fromkeys(files):  # train and eval may be the same file
-        fmt = file_format(f, configured)
-        c = counts.setdefault(fmt, Counter())
-        c["pairs"] += sum(p.source == f for p in pairs)
-        c["quarantined"] += sum(q.source == f for q in quarantined)
+    for kind, items in (("pairs", pairs), ("quarantined", quarantined)):
+        for item in items:
+            counts.setdefault(formats.get((item.source, item.row), "unknown"), Counter())[kind] += 1
     return {fmt: dict(c) for fmt, c in counts.items()}
 
 
 def build_report(cfg: Config, tokenizer) -> dict:
     d = cfg.data
-    train_pairs, eval_pairs, quarantined, sources = read_split_pairs(cfg)
+    prepared = prepare_data(cfg, tokenizer)
+    quarantined, sources, train_rows, rows = (prepared.quarantined, prepared.sources, prepared.train_rows,
+                                              prepared.train_rows + prepared.eval_rows)
+    pair_of = lambda r: prepared.pairs[(r["source"], r["row"])]  # noqa: E731
+    train_pairs, eval_pairs = list(map(pair_of, train_rows)), list(map(pair_of, prepared.eval_rows))
     pairs = train_pairs + eval_pairs
-    train_rows = tokenize_pairs(train_pairs, tokenizer, d.max_length, d.max_prompt_length)
-    rows = train_rows + tokenize_pairs(eval_pairs, tokenizer, d.max_length, d.max_prompt_length)
     # Untruncated lengths (no BOS/EOS), to show what max_length would cut.
     raw = [render_pair(p, tokenizer) for p in pairs]
     raw_lengths = {k: [len(ids) for ids in tokenizer([r[i] for r in raw], add_special_tokens=False)["input_ids"]]
@@ -95,7 +101,7 @@ def build_report(cfg: Config, tokenizer) -> dict:
     by_reason: dict[str, list] = {}
     for q in quarantined:
         by_reason.setdefault(q.reason, []).append({"source": q.source, "row": q.row, "excerpt": q.excerpt})
-    identical = sum(identical_responses(r) for r in rows)
+    identical = prepared.stats["identical_pairs"]  # counted before data.drop_identical_pairs
     near = sum(map(nearly_identical, rows))
     key = lambda p: p.prompt if isinstance(p.prompt, str) else json.dumps(p.prompt)  # noqa: E731
     train_prompts, eval_prompts = Counter(map(key, train_pairs)), Counter(map(key, eval_pairs))
@@ -104,7 +110,7 @@ def build_report(cfg: Config, tokenizer) -> dict:
     files = [sources.train_path] + ([sources.eval_path] if sources.eval_path else [])
     return {
         "sources": files,
-        "rows_by_format": rows_by_format(files, d.format, pairs, quarantined),
+        "rows_by_format": rows_by_format(row_formats(files, d.format, d.on_damaged_file), pairs, quarantined),
         "pairs": {"train": len(train_pairs), "eval": len(eval_pairs)},
         "quarantined": {"total": len(quarantined),
                         "by_reason": {k: {"count": len(v), "examples": v[:EXAMPLES_PER_REASON]}

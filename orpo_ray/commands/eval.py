@@ -23,7 +23,7 @@ from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
 from orpo_ray.objectives import build_objective
 from orpo_ray.precision import select_precision
 from orpo_ray.results import MARGIN_KEY, logp_margin
-from orpo_ray.train.evaluation import evaluate
+from orpo_ray.train.evaluation import evaluate, no_eval_reason
 from orpo_ray.train.runtime import LocalRuntime
 
 
@@ -88,6 +88,8 @@ def run_eval(cfg: Config, *, mlflow_uri: str | None = None, parent_run_id: str |
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.to(runtime.device)
     data_stats = runtime.setup_data(cfg, tokenizer)
+    if not data_stats["eval_pairs"]:
+        raise ValueError(f"orpo-ray eval: {no_eval_reason(cfg)}")
     precision, _ = select_precision(cfg.train.precision, runtime.device)
 
     metrics = evaluate(model, runtime, cfg, precision, tokenizer.pad_token_id)

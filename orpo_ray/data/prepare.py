@@ -1,9 +1,9 @@
 """From a config to tokenized train/eval rows, in one process (no Ray).
 
-Used by the in-process runtime, by `orpo-ray data-report`, and for tokenizing once and caching as
-Parquet before a Ray run or a Tune sweep. The Ray Data path (`launch.py`) calls the same per-row
-functions (`data.parse_record`, `tokenize.tokenize_pair`) inside `map_batches`, so both paths apply
-one truncation policy and one quarantine policy.
+Used by the in-process runtime, by `orpo-ray eval` and by `orpo-ray data-report`. The Ray Data path
+(`ray_pipeline.py`) calls the same per-row functions (`records.read_pairs`, `tokenize.tokenize_row`) inside
+Ray tasks and the same data policy (`policy.select_split`), so both paths apply one truncation policy, one
+quarantine policy and one data policy.
 
 Pure module: no ray, no deepspeed.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orpo_ray.config import Config
 from orpo_ray.data.hf import default_eval_input, resolve_input
+from orpo_ray.data.policy import data_stats, require_train_pairs, select_split
 from orpo_ray.data.records import (
     PreferencePair,
     Quarantined,
@@ -25,7 +25,7 @@ from orpo_ray.data.records import (
     write_quarantine,
 )
 from orpo_ray.data.synthetic import write_synthetic_split
-from orpo_ray.data.tokenize import render_pair, tokenize_pair
+from orpo_ray.data.tokenize import tokenize_row
 
 
 @dataclass
@@ -39,31 +39,14 @@ class DataSources:
 
 @dataclass
 class PreparedData:
+    """Tokenized rows (token columns + source, row and the policy's flags) and what `policy` reports about them."""
+
     train_rows: list[dict]
     eval_rows: list[dict]
     quarantined: list[Quarantined] = field(default_factory=list)
     sources: DataSources | None = None
-    identical_pairs: int = 0  # chosen == rejected after tokenization, counted before any drop
-    dropped_identical_pairs: int = 0
-
-    @property
-    def stats(self) -> dict:
-        """What a run trains on, in counts (train_loop prints and logs it; the Ray path's stats have the same keys)."""
-        cut = [r for r in self.train_rows + self.eval_rows if r["prompt_tokens_cut"] or r["response_tokens_cut"]]
-        return {
-            "train_pairs": len(self.train_rows),
-            "eval_pairs": len(self.eval_rows),
-            "quarantined": len(self.quarantined),
-            "quarantined_by_reason": quarantine_reasons(self.quarantined),
-            "truncated_pairs": len(cut),
-            "identical_pairs": self.identical_pairs,
-            "dropped_identical_pairs": self.dropped_identical_pairs,
-        }
-
-
-def quarantine_reasons(quarantined: list[Quarantined]) -> dict[str, int]:
-    """{reason: rows}, most frequent first."""
-    return dict(Counter(q.reason for q in quarantined).most_common())
+    stats: dict = field(default_factory=dict)  # policy.data_stats; the Ray path's stats have the same keys
+    pairs: dict = field(default_factory=dict)  # (source, row) -> PreferencePair of every kept row (data-report)
 
 
 def resolve_sources(cfg: Config) -> DataSources:
@@ -100,52 +83,36 @@ def split_for_eval(pairs: list, fraction: float) -> tuple[list, list]:
     return train, evals
 
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, max_prompt_length: int) -> list[dict]:
-    rows = []
-    for pair in pairs:
-        prompt, chosen, rejected = render_pair(pair, tokenizer)
-        rows.append(tokenize_pair(prompt, chosen, rejected, tokenizer, max_length, max_prompt_length))
-    return rows
-
-
-def read_split_pairs(cfg: Config) -> tuple[list, list, list[Quarantined], DataSources]:
-    """Parsed (not yet tokenized) train and eval pairs, the quarantined rows, and where they came from."""
+def read_splits(cfg: Config) -> tuple[list, list, list[Quarantined], DataSources]:
+    """Parsed (not yet tokenized) train and eval pairs, the rows quarantined while reading, and the sources.
+    No limits yet: `policy.select_split` applies them."""
     d = cfg.data
     sources = resolve_sources(cfg)
-    train_pairs, quarantined = read_pairs(sources.train_path, d.format)
+    train_pairs, quarantined = read_pairs(sources.train_path, d.format, d.max_chars, d.on_damaged_file)
     if sources.eval_path is not None:
-        eval_pairs, eval_q = read_pairs(sources.eval_path, d.format)
+        eval_pairs, eval_q = read_pairs(sources.eval_path, d.format, d.max_chars, d.on_damaged_file)
         quarantined += eval_q
     else:
         train_pairs, eval_pairs = split_for_eval(train_pairs, d.eval_fraction)
-    if d.max_train_pairs is not None:
-        train_pairs = train_pairs[: d.max_train_pairs]
-    if d.max_eval_pairs is not None:
-        eval_pairs = eval_pairs[: d.max_eval_pairs]
-    if not train_pairs:
-        raise ValueError(
-            f"{sources.train_path}: no valid preference pairs ({len(quarantined)} rows quarantined; "
-            f"first reason: {quarantined[0].reason if quarantined else 'file is empty'})"
-        )
     return train_pairs, eval_pairs, quarantined, sources
 
 
-def identical_responses(row: dict) -> bool:
-    """Chosen and rejected tokenize to the same ids: the pair carries no ORPO signal (odds ratio is 1)."""
-    return list(row["chosen_ids"]) == list(row["rejected_ids"])
+def pair_key(pair: PreferencePair) -> tuple[str, int]:
+    return pair.source, pair.row
 
 
 def prepare_data(cfg: Config, tokenizer) -> PreparedData:
-    """Read, parse, split, tokenize; quarantined rows are kept (with reasons) and written beside the run."""
+    """Read, parse, split, tokenize under `policy`; quarantined rows are kept (with reasons) for the run."""
     d = cfg.data
-    train_pairs, eval_pairs, quarantined, sources = read_split_pairs(cfg)
-
-    train, evals = (tokenize_pairs(p, tokenizer, d.max_length, d.max_prompt_length) for p in (train_pairs, eval_pairs))
-    identical = sum(identical_responses(r) for r in train + evals)
-    if d.drop_identical_pairs:
-        train, evals = ([r for r in rows if not identical_responses(r)] for rows in (train, evals))
-    return PreparedData(train, evals, quarantined, sources, identical_pairs=identical,
-                        dropped_identical_pairs=identical if d.drop_identical_pairs else 0)
+    train_pairs, eval_pairs, read_quarantine, sources = read_splits(cfg)
+    outcome = lambda pair: tokenize_row(pair, tokenizer, d.max_length, d.max_prompt_length)  # noqa: E731
+    train, evals = (select_split(pairs, pair_key, outcome, limit, d.drop_identical_pairs)
+                    for pairs, limit in ((train_pairs, d.max_train_pairs), (eval_pairs, d.max_eval_pairs)))
+    quarantined = read_quarantine + train.quarantined + evals.quarantined
+    require_train_pairs(train, quarantined, sources.train_path)
+    by_key = {pair_key(p): p for p in train_pairs + eval_pairs}
+    pairs = {(r["source"], r["row"]): by_key[(r["source"], r["row"])] for r in train.kept + evals.kept}
+    return PreparedData(train.kept, evals.kept, quarantined, sources, data_stats(train, evals, read_quarantine, len(train_pairs) + len(eval_pairs)), pairs)
 
 
 def save_quarantine(prepared: PreparedData, output_dir: str | Path) -> Path:
@@ -159,7 +126,7 @@ def fingerprint(cfg: Config, tokenizer) -> str:
     d = cfg.data
     parts = {
         "train": d.train_path, "eval": d.eval_path, "train_split": d.train_split, "eval_split": d.eval_split,
-        "format": d.format, "max_length": d.max_length,
+        "format": d.format, "max_length": d.max_length, "max_chars": d.max_chars, "on_damaged_file": d.on_damaged_file,
         "max_prompt_length": d.max_prompt_length, "eval_fraction": d.eval_fraction,
         "synthetic": vars(d.synthetic) if d.train_path is None else None,
         "max_train_pairs": d.max_train_pairs, "max_eval_pairs": d.max_eval_pairs,

@@ -1,8 +1,9 @@
 """The Ray Data pipeline: preference files -> parsed rows | quarantine -> tokenized Parquet cache.
 
 Parsing and tokenizing run as Ray Data tasks (`flat_map` per input file, `map_batches` per block) using
-the same pure functions as the in-process path (`data.read_pairs`, `tokenize.tokenize_batch`), so both
-paths share one quarantine policy and one truncation policy. Files are parsed by our own reader rather
+the same pure functions as the in-process path (`records.read_pairs`, `tokenize.tokenize_batch`), and the
+data policy (limits, identical pairs, stats) is `policy.select_split` on the driver, as in-process, so both
+paths share one quarantine policy, one truncation policy and one data policy. Files are parsed by our own reader rather
 than `ray.data.read_json` because a single malformed line makes `read_json` fail the whole dataset,
 while we must quarantine it with its line number and go on.
 
@@ -20,24 +21,28 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from orpo_ray.config import Config
-from orpo_ray.data.prepare import (
-    fingerprint,
-    identical_responses,
-    quarantine_reasons,
-    resolve_sources,
-    split_for_eval,
-)
-from orpo_ray.data.records import Quarantined, pair_to_row, read_pairs, write_quarantine
-from orpo_ray.data.tokenize import TOKEN_COLUMNS, tokenize_batch
+from orpo_ray.data.policy import data_stats, require_train_pairs, select_split
+from orpo_ray.data.prepare import fingerprint, resolve_sources, split_for_eval
+from orpo_ray.data.records import DamagedFileError, Quarantined, pair_to_row, read_pairs, write_quarantine
+from orpo_ray.data.tokenize import FLAG_COLUMNS, QUARANTINE_COLUMNS, TOKEN_COLUMNS, tokenize_batch
 from orpo_ray.modeling import load_tokenizer
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
 
 
-def parse_file(item: dict, fmt: str, eval_fraction: float) -> list[dict]:
-    """One input file -> rows with a uniform schema: kind 'pair' (with split) or kind 'quarantine'."""
-    pairs, quarantined = read_pairs(item["path"], fmt)
+def parse_file(item: dict, fmt: str, eval_fraction: float, max_chars: int, on_damaged: str) -> list[dict]:
+    """One input file -> rows with a uniform schema: kind 'pair' (with split), 'quarantine' or 'damaged' (the
+    file broke off and data.on_damaged_file is 'error': the driver raises that error, not Ray's wrapper of it)."""
+    try:
+        pairs, quarantined = read_pairs(item["path"], fmt, max_chars, on_damaged)
+    except DamagedFileError as e:
+        return [{"kind": "damaged", "split": "", "order": 0, "prompt": "", "chosen": "", "rejected": "",
+                 "conversational": False, "source": item["path"], "row": 0, "reason": str(e), "excerpt": ""}]
     if item["split"]:
         splits = [(item["split"], pairs)]
     else:
@@ -64,42 +69,46 @@ def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
     if sources.eval_path:
         items.append({"path": sources.eval_path, "split": "eval"})
     parsed = ray.data.from_items(items).flat_map(
-        parse_file, fn_kwargs={"fmt": d.format, "eval_fraction": d.eval_fraction}).materialize()
+        parse_file, fn_kwargs={"fmt": d.format, "eval_fraction": d.eval_fraction, "max_chars": d.max_chars,
+                               "on_damaged": d.on_damaged_file}).materialize()
+    if damaged := parsed.filter(lambda r: r["kind"] == "damaged").take(1):
+        raise DamagedFileError(damaged[0]["reason"])
 
-    quarantined = [Quarantined(r["source"], int(r["row"]), r["reason"], r["excerpt"])
-                   for r in parsed.filter(lambda r: r["kind"] == "quarantine").take_all()]
+    read_quarantine = [Quarantined(r["source"], int(r["row"]), r["reason"], r["excerpt"])
+                       for r in parsed.filter(lambda r: r["kind"] == "quarantine").take_all()]
     tokenized = (parsed.filter(lambda r: r["kind"] == "pair")
                  .map_batches(tokenize_batch, batch_format="numpy", fn_kwargs={
                      "tokenizer": tokenizer, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
-                     "keep": ("split", "source", "row", "order")})
+                     "keep": ("split", "source", "row")})
                  .materialize())
+    # The policy (limits, identical pairs, counts) runs on the driver over small per-row outcomes, the same
+    # function the in-process path calls; the token ids stay in the Ray dataset.
+    columns = ["split", "source", "row", *FLAG_COLUMNS, *QUARANTINE_COLUMNS]
+    outcomes = tokenized.select_columns(columns).take_all() if tokenized.count() else []
+    key = lambda r: (str(r["source"]), int(r["row"]))  # noqa: E731
+    outcome = lambda r: Quarantined(*key(r), r["reason"], r["excerpt"]) if r["reason"] else r  # noqa: E731
+    selections = {split: select_split([r for r in outcomes if r["split"] == split], key, outcome, limit,
+                                      d.drop_identical_pairs)
+                  for split, limit in (("train", d.max_train_pairs), ("eval", d.max_eval_pairs))}
+    quarantined = read_quarantine + selections["train"].quarantined + selections["eval"].quarantined
+    require_train_pairs(selections["train"], quarantined, sources.train_path)
+    stats = data_stats(selections["train"], selections["eval"], read_quarantine, len(outcomes)) | {
+        "sources": [i["path"] for i in items]}
 
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    # The same keys as prepare.PreparedData.stats; limits apply before identical pairs are dropped, as there.
-    stats = {"quarantined": len(quarantined), "quarantined_by_reason": quarantine_reasons(quarantined),
-             "truncated_pairs": 0, "identical_pairs": 0, "dropped_identical_pairs": 0,
-             "sources": [i["path"] for i in items]}
-    for split, limit in (("train", d.max_train_pairs), ("eval", d.max_eval_pairs)):
-        # Sort by (source, row) so the cache's row order - and so training order - is reproducible.
-        part = tokenized.filter(lambda r, s=split: r["split"] == s).sort(["source", "row"])
-        if limit is not None:
-            part = part.limit(limit)
-        part = part.materialize()
-        identical = part.filter(identical_responses).count() if part.count() else 0
-        stats["identical_pairs"] += identical
-        if d.drop_identical_pairs and identical:
-            part = part.filter(lambda r: not identical_responses(r)).materialize()
-            stats["dropped_identical_pairs"] += identical
-        count = part.count()
-        stats[f"{split}_pairs"] = count
-        stats["truncated_pairs"] += part.filter(
-            lambda r: r["prompt_tokens_cut"] > 0 or r["response_tokens_cut"] > 0).count() if count else 0
+    for split, selection in selections.items():
+        keep = {key(r) for r in selection.kept}
+        # Sorted by (source, row) so the cache's row order - and so training order - is reproducible.
+        part = tokenized.filter(lambda r, s=split, k=keep: r["split"] == s and key(r) in k).sort(["source", "row"])
+        count = len(keep)
+        if count == 0:  # Ray writes no file for an empty dataset; an empty split must still read back (0 rows)
+            (tmp / split).mkdir(parents=True)
+            pq.write_table(pa.table({k: pa.array([], pa.list_(pa.int64()) if k.endswith("_ids") else pa.int64())
+                                     for k in TOKEN_COLUMNS}), tmp / split / "empty.parquet")
+            continue
         part.select_columns(list(TOKEN_COLUMNS)).repartition(max(1, min(8, count // 2048 + 1))).write_parquet(
             str(tmp / split))
-    if stats["train_pairs"] == 0:
-        first = quarantined[0].reason if quarantined else "no rows"
-        raise ValueError(f"{sources.train_path}: no valid preference pairs ({len(quarantined)} quarantined; first: {first})")
     write_quarantine(tmp / "quarantine.jsonl", quarantined)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     shutil.rmtree(cache, ignore_errors=True)

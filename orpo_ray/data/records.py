@@ -1,7 +1,7 @@
 """Preference data: rows in three formats -> PreferencePair, or Quarantined with a reason.
 
-Formats (fmt="auto": the first well-formed record fixes the format of its file; a later record of another
-shape is quarantined, and a malformed record before it is quarantined with the reason of its closest format):
+Formats (fmt="auto": each record's own shape decides its format, so a file may mix them; a malformed record is
+quarantined with the reason of its closest format; data.format forces one format for every row):
   pairs           {"prompt": str, "chosen": str, "rejected": str}
   conversational  chosen/rejected (and optionally prompt) are lists of {"role", "content"} messages;
                   without a prompt, the messages chosen and rejected share at the start are the prompt
@@ -9,10 +9,16 @@ shape is quarantined, and a malformed record before it is quarantined with the r
                   text up to and including the last "\\n\\nAssistant:", the response is the rest
 
 A row that cannot be made valid never crashes a run and is never silently dropped: it becomes a
-`Quarantined(source, row, reason, excerpt)` that callers count and write to quarantine.jsonl.
+`Quarantined(source, row, reason, excerpt)` that callers count and write to quarantine.jsonl. That covers
+invalid UTF-8 or JSON, a UTF-8 BOM (ignored at the start of a line), text with a lone surrogate (valid JSON,
+but no tokenizer or Arrow column takes it) and a row over data.max_chars characters (quarantined before any
+tokenization, so one huge row cannot stall a run).
 Rows are numbered from 1 (the line number in JSONL files, blank lines counted but skipped; the row position in
 Parquet files and `datasets` save_to_disk directories, see hf.py). A whole file that cannot be read (missing,
-unknown extension, a .json that is not a JSON list) raises, naming the file.
+unknown extension, a .json that is not a JSON list) raises, naming the file. A damaged compressed or Parquet
+file (truncated, or not what its name says) yields every row read before the damage, then either raises
+`DamagedFileError` naming the file, row and byte (on_damaged="error") or ends with one Quarantined row for the
+unreadable rest (on_damaged="quarantine").
 
 Pure module: no ray, no deepspeed.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Union
@@ -31,6 +38,15 @@ Text = Union[str, Messages]
 HH_ASSISTANT = "\n\nAssistant:"
 FORMATS = ("pairs", "conversational", "hh")
 EXCERPT_CHARS = 200
+REASON_CHARS = 500  # a reason may quote keys or an exception; bounded so one odd row cannot bloat the report
+DEFAULT_MAX_CHARS = 1_000_000  # data.max_chars
+DAMAGED = ("error", "quarantine")
+BOM = "\ufeff".encode()
+LINE_BREAKS = ("\u2028", "\u2029", "\x85")  # the line breaks json.dumps leaves unescaped
+
+
+class DamagedFileError(ValueError):
+    """A compressed or Parquet file breaks off (truncated, or not the format its name says)."""
 
 
 @dataclass(frozen=True)
@@ -49,32 +65,42 @@ class Quarantined:
     reason: str
     excerpt: str
 
+    def __post_init__(self) -> None:
+        # Lone surrogates (the reason a row is quarantined, sometimes) must not reach quarantine.jsonl or an
+        # Arrow column, both UTF-8 only: they are written as \udXXX escapes.
+        object.__setattr__(self, "reason", printable(self.reason)[:REASON_CHARS])
+        object.__setattr__(self, "excerpt", printable(self.excerpt)[:EXCERPT_CHARS])
+        object.__setattr__(self, "source", printable(self.source))
 
-def _excerpt(raw: Any) -> str:
+
+def printable(text: str) -> str:
+    """`text` with every lone surrogate replaced by its backslash escape, so it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def excerpt(raw: Any) -> str:
     text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
     return text[:EXCERPT_CHARS]
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def iter_records(path: str | Path) -> Iterator[tuple[int, dict | Quarantined]]:
+def iter_records(path: str | Path, on_damaged: str = "error") -> Iterator[tuple[int, dict | Quarantined]]:
     """(row number, record) for every row; undecodable rows come back as Quarantined, never raise."""
     path = Path(path)
     source = str(path)
     if not path.exists():
         raise FileNotFoundError(f"preference data file not found: {source}")
+    if on_damaged not in DAMAGED:
+        raise ValueError(f"on_damaged must be one of {DAMAGED}, got {on_damaged!r}")
     name = path.name.lower()
     if path.is_dir():  # a `datasets` save_to_disk directory, read shard by shard from its Arrow files
         from orpo_ray.data.hf import iter_saved_dataset
 
         yield from iter_saved_dataset(path)
     elif name.endswith(".parquet"):
-        yield from _iter_parquet(path)
+        yield from _iter_parquet(path, on_damaged)
     elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            for row, raw in enumerate(f, start=1):
-                if raw.strip():
-                    yield row, _decode_json_line(raw, source, row)
+        yield from _iter_jsonl(path, name.endswith(".gz"), on_damaged)
     elif name.endswith(".json"):
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
@@ -84,10 +110,53 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict | Quarantined]]:
             raise ValueError(f"{source}: a .json file must hold a list of records")
         for row, record in enumerate(records, start=1):
             yield row, record if isinstance(record, dict) else Quarantined(
-                source, row, f"row is {type(record).__name__}, expected a JSON object", _excerpt(record))
+                source, row, f"row is {type(record).__name__}, expected a JSON object", excerpt(record))
     else:
         raise ValueError(f"{source}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .parquet or a "
                          "directory written by datasets' save_to_disk)")
+
+
+# What a damaged file raises while being read: gzip (truncated: EOFError; not gzip: BadGzipFile, an OSError;
+# corrupt deflate data: zlib.error) and pyarrow (ArrowInvalid / ArrowIOError are ValueError / OSError).
+GZIP_ERRORS = (EOFError, OSError, zlib.error)
+PARQUET_ERRORS = (OSError, ValueError)
+
+
+def _iter_jsonl(path: Path, gz: bool, on_damaged: str) -> Iterator[tuple[int, dict | Quarantined]]:
+    row = offset = 0  # lines and (decompressed) bytes read so far
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            for raw in f:
+                row += 1
+                offset += len(raw)
+                raw = raw.removeprefix(BOM)  # files saved by some editors, or concatenated from such files
+                if raw.strip():
+                    yield row, _decode_json_line(raw, str(path), row)
+    except GZIP_ERRORS as e:
+        where = f"{'decompressed ' if gz else ''}byte {offset:,}"
+        yield _damaged(str(path), row + 1, where, e, on_damaged)
+
+
+def _iter_parquet(path: Path, on_damaged: str) -> Iterator[tuple[int, dict | Quarantined]]:
+    import pyarrow.parquet as pq
+
+    row = group = 0
+    try:
+        for group, batch in enumerate(pq.ParquetFile(path).iter_batches(batch_size=1024)):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except PARQUET_ERRORS as e:
+        yield _damaged(str(path), row + 1, f"record batch {group}", e, on_damaged)
+
+
+def _damaged(source: str, row: int, where: str, error: Exception, on_damaged: str) -> tuple[int, Quarantined]:
+    """The rows before `row` were read; the rest of the file cannot be: raise, or one Quarantined for the rest."""
+    what = f"damaged at row {row} ({where}): {type(error).__name__}: {error}"
+    if on_damaged == "error":
+        raise DamagedFileError(f"{source}: {what}; rows 1-{row - 1} were read. Set data.on_damaged_file=quarantine "
+                               "to keep them and go on") from None
+    return row, Quarantined(source, row, f"damaged file: unreadable from here on ({what})", "")
 
 
 def _decode_json_line(raw: bytes, source: str, row: int) -> dict | Quarantined:
@@ -100,19 +169,11 @@ def _decode_json_line(raw: bytes, source: str, row: int) -> dict | Quarantined:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         return Quarantined(source, row, f"invalid JSON: {e.msg} (column {e.colno})", text[:EXCERPT_CHARS])
+    except RecursionError:  # valid JSON nested thousands deep: the decoder recurses once per level
+        return Quarantined(source, row, "invalid JSON: nested too deeply to decode", text[:EXCERPT_CHARS])
     if not isinstance(record, dict):
         return Quarantined(source, row, f"row is {type(record).__name__}, expected a JSON object", text[:EXCERPT_CHARS])
     return record
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq
-
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            row += 1
-            yield row, record
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -134,9 +195,9 @@ def detect_format(record: dict) -> str:
                      "(pairs: prompt/chosen/rejected; conversational: message lists; hh: chosen/rejected transcripts)")
 
 
-def _closest_format(record: dict) -> str | None:
+def closest_format(record: dict) -> str | None:
     """The format a malformed record was most likely meant to be, so its quarantine reason can be specific
-    ("field 'chosen' is int, expected str") rather than "matches no known format". Never fixes a file's format."""
+    ("field 'chosen' is int, expected str") rather than "matches no known format"."""
     if any(isinstance(record.get(k), list) for k in ("prompt", "chosen", "rejected")):
         return "conversational"
     if "prompt" in record:
@@ -168,7 +229,7 @@ def _split_hh(transcript: str) -> tuple[str, str] | None:
 
 def parse_record(record: dict, fmt: str, source: str, row: int) -> PreferencePair | Quarantined:
     """One record in a known format -> PreferencePair, or Quarantined naming what is wrong."""
-    q = lambda reason: Quarantined(source, row, reason, _excerpt(record))  # noqa: E731
+    q = lambda reason: Quarantined(source, row, reason, excerpt(record))  # noqa: E731
     if fmt == "pairs":
         if err := _require_fields(record, ("prompt", "chosen", "rejected"), str):
             return q(err)
@@ -210,35 +271,75 @@ def parse_record(record: dict, fmt: str, source: str, row: int) -> PreferencePai
     else:
         raise ValueError(f"unknown data format {fmt!r} (expected one of {FORMATS})")
 
+    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if any(_has_lone_surrogate(t) for t in _texts(value)):
+            return q(f"field '{name}' holds a lone surrogate (not valid Unicode text)")
     for name, value in (("chosen", chosen), ("rejected", rejected)):
-        text = value if isinstance(value, str) else "".join(m["content"] for m in value)
-        if not text.strip():
+        if not "".join(_texts(value, roles=False)).strip():
             return q(f"empty {name} response")
     return PreferencePair(prompt, chosen, rejected, source, row)
 
 
-def iter_parsed(path: str | Path, fmt: str = "auto") -> Iterator[PreferencePair | Quarantined]:
-    """Every row of a file as a PreferencePair or Quarantined; `auto` detects from the first valid record."""
-    source = str(path)
-    for row, record in iter_records(path):
-        if isinstance(record, Quarantined):
-            yield record
-            continue
-        if fmt == "auto":
-            try:
-                fmt = detect_format(record)  # the first well-formed record fixes the file's format
-            except ValueError as e:
-                guess = _closest_format(record)
-                yield parse_record(record, guess, source, row) if guess else Quarantined(
-                    source, row, str(e), _excerpt(record))
-                continue
-        yield parse_record(record, fmt, source, row)
+def _texts(value: Text, roles: bool = True) -> Iterator[str]:
+    """The strings of a field: itself, or each message's content (and role)."""
+    if isinstance(value, str):
+        yield value
+        return
+    for m in value:
+        yield m["content"]
+        if roles and isinstance(m.get("role"), str):
+            yield m["role"]
 
 
-def read_pairs(path: str | Path, fmt: str = "auto") -> tuple[list[PreferencePair], list[Quarantined]]:
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def text_chars(record: Mapping[str, Any]) -> int:
+    """Characters of text in a record's prompt/chosen/rejected fields (message contents and roles included)."""
+    def size(value: Any) -> int:
+        if isinstance(value, str):
+            return len(value)
+        if isinstance(value, list):
+            return sum(size(v) for v in value)
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        return 0
+    return sum(size(record.get(k)) for k in ("prompt", "chosen", "rejected"))
+
+
+def parse_row(record: dict, fmt: str, source: str, row: int, max_chars: int = DEFAULT_MAX_CHARS
+              ) -> PreferencePair | Quarantined:
+    """One decoded record -> PreferencePair or Quarantined; `auto` detects this record's own format."""
+    if fmt == "auto":
+        try:
+            fmt = detect_format(record)
+        except ValueError as e:
+            fmt = closest_format(record)
+            if fmt is None:
+                return Quarantined(source, row, str(e), excerpt(record))
+    if (chars := text_chars(record)) > max_chars:  # before any string work on it, tokenization above all
+        return Quarantined(source, row, f"row has {chars:,} characters of text, over data.max_chars ({max_chars:,})",
+                           excerpt(record))
+    return parse_record(record, fmt, source, row)
+
+
+def iter_parsed(path: str | Path, fmt: str = "auto", max_chars: int = DEFAULT_MAX_CHARS,
+                on_damaged: str = "error") -> Iterator[PreferencePair | Quarantined]:
+    """Every row of a file as a PreferencePair or Quarantined (see the module docstring)."""
+    for row, record in iter_records(path, on_damaged):
+        yield record if isinstance(record, Quarantined) else parse_row(record, fmt, str(path), row, max_chars)
+
+
+def read_pairs(path: str | Path, fmt: str = "auto", max_chars: int = DEFAULT_MAX_CHARS,
+               on_damaged: str = "error") -> tuple[list[PreferencePair], list[Quarantined]]:
     """All rows of one file, split into valid pairs and quarantined rows (both in file order)."""
     pairs, quarantined = [], []
-    for item in iter_parsed(path, fmt):
+    for item in iter_parsed(path, fmt, max_chars, on_damaged):
         (quarantined if isinstance(item, Quarantined) else pairs).append(item)
     return pairs, quarantined
 
@@ -249,7 +350,10 @@ def write_quarantine(path: str | Path, items: list[Quarantined]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for item in items:
-            f.write(json.dumps(asdict(item), ensure_ascii=False) + "\n")
+            line = json.dumps(asdict(item), ensure_ascii=False)
+            for sep in LINE_BREAKS:  # legal raw in JSON strings, but str.splitlines() would break the line there
+                line = line.replace(sep, f"\\u{ord(sep):04x}")
+            f.write(line + "\n")
     return path
 
 

@@ -13,6 +13,12 @@ TRL's ORPOTrainer yields NaN when a prompt fills max_length.
 
 Prompt and responses are encoded separately (no merge across the boundary), so the response tokens are
 exactly the tokens the model is scored on. A chat template that itself emits the BOS text gets no second BOS.
+A prompt must give at least one token (BOS counts): the first response token is scored from the logits of the
+token before it, so with an empty prompt and no BOS there is nothing to score it from.
+
+Per row, `tokenize_row` turns any failure - a chat template that raises, a template that does not extend the
+prompt, a tokenizer error, an empty prompt without BOS - into a `Quarantined` with the reason, so one row
+never ends a run; both data paths call it.
 
 Pure module: tokenizer objects only; no ray, no deepspeed.
 """
@@ -21,9 +27,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from orpo_ray.data.records import PreferencePair, row_to_pair
+from orpo_ray.data.policy import row_flags
+from orpo_ray.data.records import PreferencePair, Quarantined, excerpt, row_to_pair
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_tokens_cut", "response_tokens_cut")
+FLAG_COLUMNS = ("identical", "truncated")  # policy.row_flags, computed where the tokens are
+QUARANTINE_COLUMNS = ("reason", "excerpt")  # tokenize_batch: a non-empty reason marks a quarantined row
+EMPTY_PROMPT = "empty prompt and the tokenizer has no BOS token: the first response token has nothing to be scored from"
 
 
 def render_pair(pair: PreferencePair, tokenizer: Any) -> tuple[str, str, str]:
@@ -31,14 +41,14 @@ def render_pair(pair: PreferencePair, tokenizer: Any) -> tuple[str, str, str]:
     if isinstance(pair.chosen, str):
         return pair.prompt, pair.chosen, pair.rejected
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{pair.source} row {pair.row}: conversational data needs a tokenizer with a chat template")
+        raise ValueError("conversational data needs a tokenizer with a chat template")
     prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
     responses = []
     for reply in (pair.chosen, pair.rejected):
         full = tokenizer.apply_chat_template(pair.prompt + reply, tokenize=False)
         if not full.startswith(prompt_text):
-            raise ValueError(f"{pair.source} row {pair.row}: the chat template does not render the prompt as a "
-                             "prefix of prompt + response, so the response cannot be separated")
+            raise ValueError("the chat template does not render the prompt as a prefix of prompt + response, so the "
+                             "response cannot be separated")
         responses.append(full[len(prompt_text):])
     return prompt_text, responses[0], responses[1]
 
@@ -55,6 +65,8 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, max_l
     prompt_ids = encode(prompt)
     if bos is not None and prompt_ids[:1] != [bos]:  # a chat template may already have rendered BOS
         prompt_ids = [bos] + prompt_ids
+    if not prompt_ids:
+        raise ValueError(EMPTY_PROMPT)
     chosen_ids, rejected_ids = encode(chosen) + [eos], encode(rejected) + [eos]
 
     prompt_cut = 0
@@ -75,19 +87,40 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, max_l
     }
 
 
+def tokenize_row(pair: PreferencePair, tokenizer: Any, max_length: int, max_prompt_length: int
+                 ) -> dict | Quarantined:
+    """One pair -> its tokenized row, with its (source, row) and the flags `policy` reads; or, if anything about
+    this row fails, a Quarantined naming the error (configuration errors fail every row the same way, and a run
+    with no pair left stops with the first reason)."""
+    try:
+        tokens = tokenize_pair(*render_pair(pair, tokenizer), tokenizer, max_length, max_prompt_length)
+    except Exception as e:  # noqa: BLE001 - one row's failure, whatever it is, must not end the run
+        reason = str(e) if str(e) == EMPTY_PROMPT else f"tokenization failed: {type(e).__name__}: {e}"
+        return Quarantined(pair.source, pair.row, reason,
+                           excerpt({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}))
+    return {**tokens, **row_flags(tokens), "source": pair.source, "row": pair.row}
+
+
 def tokenize_batch(batch: Mapping[str, Sequence], tokenizer: Any, max_length: int, max_prompt_length: int,
                    keep: Sequence[str] = ()) -> dict[str, list]:
     """Ray Data `map_batches` body: columns of `data.pair_to_row` -> columns of the tokenized row.
 
     Columns named in `keep` (e.g. "source", "row") are passed through unchanged, so callers can carry
-    bookkeeping next to the token ids.
+    bookkeeping next to the token ids; FLAG_COLUMNS carry what `policy` needs to know of each row. A row
+    `tokenize_row` quarantines has its reason and excerpt in QUARANTINE_COLUMNS and placeholder token columns
+    ([0] ids: one dtype in every block, even a block of only such rows); the policy never keeps it.
     """
-    out: dict[str, list] = {k: [] for k in (*TOKEN_COLUMNS, *keep)}
+    out: dict[str, list] = {k: [] for k in (*TOKEN_COLUMNS, *FLAG_COLUMNS, *QUARANTINE_COLUMNS, *keep)}
     for i in range(len(batch["prompt"])):
-        pair = row_to_pair({k: batch[k][i] for k in batch})
-        tokens = tokenize_pair(*render_pair(pair, tokenizer), tokenizer, max_length, max_prompt_length)
-        for k in TOKEN_COLUMNS:
-            out[k].append(tokens[k])
+        row = tokenize_row(row_to_pair({k: batch[k][i] for k in batch}), tokenizer, max_length, max_prompt_length)
+        if isinstance(row, Quarantined):
+            row = {"prompt_ids": [0], "chosen_ids": [0], "rejected_ids": [0], "prompt_tokens_cut": 0,
+                   "response_tokens_cut": 0, "identical": False, "truncated": False, "reason": row.reason,
+                   "excerpt": row.excerpt}
+        else:
+            row |= {"reason": "", "excerpt": ""}
+        for k in (*TOKEN_COLUMNS, *FLAG_COLUMNS, *QUARANTINE_COLUMNS):
+            out[k].append(row[k])
         for k in keep:
             out[k].append(batch[k][i])
     return out

@@ -34,6 +34,11 @@ def collate_pairs(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], p
     if any(not chosen or not rejected for _, chosen, rejected in rows):
         # An empty response would make its mean log-prob 0/0; tokenize_pair never produces one.
         raise ValueError("every tokenized row needs >= 1 chosen and >= 1 rejected token")
+    if any(not prompt for prompt, _, _ in rows):
+        # The first response token is scored from the position before it: without a prompt token (an empty
+        # prompt and no BOS) the padded layout would silently skip it and the packed one index position -1.
+        # tokenize_row quarantines such rows; this guards rows that did not come through it.
+        raise ValueError("every tokenized row needs >= 1 prompt token (BOS counts)")
     sequences, response_lengths = [], []
     for responses in (1, 2):  # all chosen rows first, then all rejected rows
         for row in rows:

@@ -76,7 +76,7 @@ def trial_row(trial_id: str, beta: float, learning_rate: float, output_dir: str 
     results_file = Path(output_dir) / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else None
     status = "error" if error else ("completed" if results else "stopped early")
-    metrics = dict(results["eval"]) if results else {k: v for k, v in last_metrics.items() if k.startswith("eval_")}
+    metrics = dict(results.get("eval", {})) if results else {k: v for k, v in last_metrics.items() if k.startswith("eval_")}
     row = {
         "trial_id": trial_id,
         "beta": float(beta),

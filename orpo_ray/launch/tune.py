@@ -46,6 +46,7 @@ from orpo_ray.launch.sweep import (
     trial_row,
 )
 from orpo_ray.launch.trainer import fit_run
+from orpo_ray.train.evaluation import no_eval_reason
 
 SWEEP_STATE_FILE = "sweep_state.json"  # {"config": identity, "mlflow_parent_run_id": ..., "completed": bool}
 RESULTS_FILE = "tune_results.json"
@@ -102,6 +103,8 @@ def run_sweep(cfg: Config) -> dict:
     started = time.perf_counter()
     ensure_ray(cfg)
     datasets, data_stats = tokenized_datasets(cfg)
+    if not data_stats["eval_pairs"]:  # before any trial runs: a sweep without eval metrics cannot rank trials
+        raise ValueError(f"tune ranks trials by {cfg.tune.metric}, an eval metric, but there are {no_eval_reason(cfg)}")
     uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir) if cfg.tracking.enabled else None
     parent = Tracker(uri)
     with parent:

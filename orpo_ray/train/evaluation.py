@@ -41,8 +41,22 @@ def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id:
         averager.add(metrics, weight=batch["num_pairs"])  # the last eval batch may be short
         averager.add({NLL_METRIC: nll}, weight=float(nll_target_mask(batch, nll_on_prompt).sum()))
     reduced = reduce_metrics(averager, runtime, objective)
+    if not reduced:  # no rank had an eval batch: there is nothing to report (and no loss to assemble)
+        return {}
     reduced["loss"] = objective.eval_loss(reduced)
     return with_prefix(reduced, "eval_")
+
+
+def no_eval_reason(cfg: Config) -> str:
+    """Why a run has no eval pairs, in the words of the config (results.json keeps it as `eval_skipped`)."""
+    d = cfg.data
+    if d.max_eval_pairs == 0:
+        why = "data.max_eval_pairs=0"
+    elif d.eval_path is None and d.eval_fraction == 0:
+        why = "data.eval_fraction=0 and no eval data"
+    else:
+        why = "the eval data gave no pair (rows quarantined - see quarantine.jsonl -, identical pairs dropped, or a split too small)"
+    return f"no eval pairs: {why}; nothing was evaluated"
 
 
 def reduce_metrics(averager: MetricAverager, runtime: WorkerRuntime, objective: Objective) -> dict:

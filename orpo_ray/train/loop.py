@@ -31,7 +31,7 @@ from orpo_ray.objectives import build_objective, step_nll_weights
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
 from orpo_ray.results import write_results
 from orpo_ray.train.engine import create_engine, deepspeed_section
-from orpo_ray.train.evaluation import evaluate, reduce_metrics, to_device
+from orpo_ray.train.evaluation import evaluate, no_eval_reason, reduce_metrics, to_device
 from orpo_ray.train.metrics import MetricAverager
 from orpo_ray.train.runtime import LocalRuntime, WorkerRuntime
 
@@ -94,7 +94,12 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     with runtime.latest_checkpoint() as ckpt_dir:
         start_step = engine.global_step if engine.load(ckpt_dir) else 0
 
+    # An empty eval set (eval_fraction=0, max_eval_pairs=0, an eval file all quarantined, a small split) means no
+    # evaluation, said once - never a crash at the first evaluation, which would lose the trained model.
+    eval_skipped = None if data_stats["eval_pairs"] else no_eval_reason(cfg)
     tracker = _start_tracker(cfg, extras, is_main)
+    if is_main and eval_skipped:
+        print(f"[orpo-ray] warning: {eval_skipped}", flush=True)
     if is_main:
         print(f"[orpo-ray] {trainable:,}/{total:,} trainable parameters{' (LoRA adapters)' if cfg.model.lora.enabled else ''}"
               f" | precision {precision} ({precision_reason}) "
@@ -154,8 +159,9 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
                                 pairs_s=f"{timed_steps * global_batch / timed_seconds:.1f}")
 
         evaluated = (t.eval_interval and done % t.eval_interval == 0) or done == total_steps
-        if evaluated:
+        if evaluated and not eval_skipped:
             eval_metrics = evaluate(engine.model, runtime, cfg, precision, pad_id)
+        if evaluated and eval_metrics:
             history.append({"step": done, **eval_metrics})
             tracker.log_metrics(eval_metrics, step=done)
             if is_main:
@@ -198,6 +204,9 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         "hardware": hardware_summary(),
         "mlflow_run_id": tracker.run_id,
     }
+    if not eval_metrics:
+        del results["eval"]
+        results["eval_skipped"] = eval_skipped or "no eval batches (train.eval_max_batches=0?); nothing was evaluated"
     if is_main:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ def test_report_counts_on_known_rows(tmp_path):
     assert report["duplicate_prompts"] == {"train": 1, "eval": 1, "eval_pairs_with_a_train_prompt": 3}
     assert report["truncation"]["pairs_cut"] == 2  # the 40-char prompt, in train and eval
     assert report["truncation"]["prompt_tokens_cut"] == 2 * (61 - 16)  # BOS + 60 bytes kept to 16
-    assert report["rows_by_format"] == {"pairs": {"pairs": 6, "quarantined": 4}}
+    # each row under its own shape: the broken line has none
+    assert report["rows_by_format"] == {"pairs": {"pairs": 6, "quarantined": 2}, "unknown": {"quarantined": 2}}
     assert report["tokens_untruncated"]["prompt"]["max"] == 60
 
 

@@ -12,7 +12,7 @@ import pytest
 from orpo_ray.config import ConfigError, load_config
 from orpo_ray.data.records import read_pairs
 from orpo_ray.data.hf import HubUnavailableError, hub_name, iter_saved_dataset, require_hub
-from orpo_ray.data.prepare import fingerprint, prepare_data, read_split_pairs, resolve_sources
+from orpo_ray.data.prepare import fingerprint, prepare_data, read_splits, resolve_sources
 from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
 datasets.disable_progress_bars()
@@ -85,16 +85,16 @@ def test_a_dataset_dict_gives_train_and_eval_splits(tmp_path):
     root2 = save_dict(tmp_path / "dd2", {"tr": ROWS[:6], "val": ROWS[6:8]})
     cfg = cfg_for(tmp_path, f"data.train_path={root2}", f"data.eval_path={root2}", "data.train_split=tr",
                   "data.eval_split=val")
-    train, evals, quarantined, _ = read_split_pairs(cfg)
+    train, evals, quarantined, _ = read_splits(cfg)
     assert (len(train), len(evals), len(quarantined)) == (5, 2, 1)
 
 
 def test_without_an_eval_split_eval_fraction_is_split_off_deterministically(tmp_path):
     root = save_dict(tmp_path / "dd", {"train": ROWS * 10})
     cfg = cfg_for(tmp_path, f"data.train_path={root}", "data.eval_fraction=0.25")
-    train, evals, _, sources = read_split_pairs(cfg)
+    train, evals, _, sources = read_splits(cfg)
     assert sources.eval_path is None and 0 < len(evals) < len(train) and len(train) + len(evals) == 110
-    assert [p.row for p in read_split_pairs(cfg)[1]] == [p.row for p in evals]
+    assert [p.row for p in read_splits(cfg)[1]] == [p.row for p in evals]
 
 
 def test_a_missing_split_is_named_with_the_splits_there_are(tmp_path):
@@ -117,7 +117,7 @@ def test_a_hub_id_fails_at_once_in_offline_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(HubUnavailableError, match=r"hf://owner/name: HF_HUB_OFFLINE is set.*save_to_disk"):
-        read_split_pairs(cfg_for(tmp_path, "data.train_path=hf://owner/name"))
+        read_splits(cfg_for(tmp_path, "data.train_path=hf://owner/name"))
     assert time.perf_counter() - start < 0.5
     assert issubclass(HubUnavailableError, ConfigError)  # the CLI prints it as a config error, exit code 2
 

@@ -10,7 +10,7 @@ import pytest
 
 from orpo_ray.config import load_config
 from orpo_ray.data.records import PreferencePair
-from orpo_ray.data.prepare import (fingerprint, prepare_data, read_split_pairs, resolve_sources, save_quarantine,
+from orpo_ray.data.prepare import (fingerprint, prepare_data, read_splits, resolve_sources, save_quarantine,
                               split_for_eval)
 from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 
@@ -44,10 +44,10 @@ def test_split_for_eval_is_deterministic_disjoint_and_order_independent():
 def test_eval_split_of_a_train_file_is_stable_across_reads(tmp_path):
     path = jsonl(tmp_path / "d.jsonl", [{**PAIR, "prompt": f"Q{i}"} for i in range(200)])
     cfg = cfg_for(tmp_path, f"data.train_path={path}", "data.eval_fraction=0.2")
-    train, evals, quarantined, sources = read_split_pairs(cfg)
+    train, evals, quarantined, sources = read_splits(cfg)
     assert sources.eval_path is None and quarantined == []
     assert 0 < len(evals) < 80 and len(train) + len(evals) == 200
-    again = read_split_pairs(cfg)
+    again = read_splits(cfg)
     assert [p.row for p in again[1]] == [p.row for p in evals]
 
 
@@ -63,7 +63,8 @@ def test_quarantined_rows_of_train_and_eval_files_are_counted_and_written(tmp_pa
                               "quarantined_by_reason": {
                                   "invalid JSON: Expecting property name enclosed in double quotes (column 2)": 1,
                                   "empty chosen response": 1, "row is list, expected a JSON object": 1},
-                              "identical_pairs": 0, "dropped_identical_pairs": 0}
+                              "identical_pairs": 0, "dropped_identical_pairs": 0, "rows_read": 6,
+                              "dropped_over_limit": 0}
     lines = save_quarantine(prepared, tmp_path / "out").read_text().splitlines()
     assert [json.loads(line)["row"] for line in lines] == [2, 4, 2]
 
@@ -76,14 +77,14 @@ def test_truncated_pairs_and_pair_limits(tmp_path):
     stats = prepare_data(cfg, TOK).stats
     assert (stats["train_pairs"], stats["eval_pairs"], stats["truncated_pairs"]) == (3, 1, 1)
     cfg = cfg_for(tmp_path, f"data.train_path={path}", f"data.eval_path={path}", "data.max_train_pairs=2")
-    assert [p.row for p in read_split_pairs(cfg)[0]] == [1, 2]
+    assert [r["row"] for r in prepare_data(cfg, TOK).train_rows] == [1, 2]
 
 
 def test_a_file_without_valid_pairs_fails_naming_the_file_and_the_first_reason(tmp_path):
     path = jsonl(tmp_path / "bad.jsonl", ["{broken", {"prompt": "p", "chosen": "c"}])
     with pytest.raises(ValueError, match=r"bad\.jsonl: no valid preference pairs \(2 rows quarantined; "
                                          r"first reason: invalid JSON"):
-        read_split_pairs(cfg_for(tmp_path, f"data.train_path={path}"))
+        prepare_data(cfg_for(tmp_path, f"data.train_path={path}"), TOK)
 
 
 # ----------------------------------------------------------------------------------- sources and cache

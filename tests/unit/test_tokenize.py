@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from orpo_ray.data.records import PreferencePair, pair_to_row
-from orpo_ray.data.tokenize import TOKEN_COLUMNS, render_pair, tokenize_batch, tokenize_pair
+from orpo_ray.data.tokenize import FLAG_COLUMNS, QUARANTINE_COLUMNS, TOKEN_COLUMNS, render_pair, tokenize_batch, tokenize_pair
 
 from .conftest import BOS_ID as BOS, EOS_ID as EOS, make_tokenizer
 
@@ -117,11 +117,21 @@ def test_tokenize_batch_on_ray_style_numpy_columns(tok):
     rows = [pair_to_row(p) for p in pairs]
     batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}  # what batch_format="numpy" hands over
     out = tokenize_batch(batch, tok, max_length=32, max_prompt_length=16, keep=("source", "row"))
-    assert set(out) == {*TOKEN_COLUMNS, "source", "row"}
+    assert set(out) == {*TOKEN_COLUMNS, *FLAG_COLUMNS, *QUARANTINE_COLUMNS, "source", "row"}
+    assert list(out["reason"]) == ["", ""]
     assert out["prompt_ids"][0] == [BOS, A, B] and out["chosen_ids"][0] == [X, EOS]
     expected = tokenize_pair(*render_pair(pairs[1], tok), tok, 32, 16)
     assert {k: out[k][1] for k in TOKEN_COLUMNS} == expected
     assert list(out["source"]) == ["f", "g"] and list(out["row"]) == [1, 2]
+
+
+def test_tokenize_batch_marks_a_row_that_fails_and_keeps_one_dtype(tok_no_bos):
+    pairs = [PreferencePair("", "x", "y", "f", 1), PreferencePair("ab", "x", "y", "f", 2)]
+    rows = [pair_to_row(p) for p in pairs]
+    batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    out = tokenize_batch(batch, tok_no_bos, max_length=32, max_prompt_length=16, keep=("row",))
+    assert out["reason"][0].startswith("empty prompt") and out["reason"][1] == ""
+    assert out["prompt_ids"][0] == [0] and out["identical"][0] is False  # placeholder, never kept by the policy
 
 
 def test_conversational_pairs_with_the_projects_tokenizer():
