@@ -83,7 +83,7 @@ def search_space(cfg: Config) -> dict:
 
 def run_sweep(cfg: Config) -> dict:
     from orpo_ray.data.ray_pipeline import tokenized_datasets
-    from orpo_ray.tracking import Tracker, resolve_tracking_uri
+    from orpo_ray.tracking import make_tracker
 
     cfg = with_absolute_paths(cfg)
     check_metric(cfg)
@@ -97,14 +97,14 @@ def run_sweep(cfg: Config) -> dict:
     started = time.perf_counter()
     ensure_ray(cfg)
     datasets, data_stats = tokenized_datasets(cfg)
-    uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir) if cfg.tracking.enabled else None
-    parent = Tracker(uri)
+    parent = make_tracker(cfg)
+    uri = parent.tracking_uri
     with parent:
         experiment = cfg.tracking.experiment
         if not (state.get("mlflow_parent_run_id") and parent.attach(experiment, state["mlflow_parent_run_id"])):
             parent.start(experiment, run_name=cfg.tracking.run_name or f"sweep {out.name}",
                          tags={"kind": "sweep", "output_dir": str(out)})
-            parent.log_params({"config": cfg.to_dict(), "data": data_stats})
+            parent.log_params({**cfg.to_dict(), "data": data_stats})
         save_state(out / SWEEP_STATE_FILE, cfg, mlflow_parent_run_id=parent.run_id, completed=False)
 
         tuner = _tuner(cfg, datasets, {"data_stats": data_stats, "mlflow_uri": uri,

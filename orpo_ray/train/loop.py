@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
               f" | precision {precision} ({precision_reason}) "
               f"| {data_stats} | {total_steps} steps of {global_batch} pairs"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
-        tracker.log_params({"config": cfg.to_dict(), "data": data_stats, "precision": precision})
+        tracker.log_start(cfg, data_stats, precision)
 
     # ---- the loop ------------------------------------------------------------------------------
     micro_iter = _micro_batches(runtime, start_micro=start_step * t.gradient_accumulation_steps)
@@ -206,7 +206,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             export_merged(engine.module, tokenizer, out / "merged")
             results["merged_dir"] = str((out / "merged").resolve())
         write_results(out / "results.json", results)
-        tracker.finish(cfg, history, out)
+        tracker.finish(cfg, history, out, engine.module, tokenizer)
     return results
 
 
@@ -230,6 +230,6 @@ def _inject_fault(cfg: Config, step: int) -> None:
 
 
 def _start_tracker(cfg: Config, extras: dict, is_main: bool):
-    from orpo_ray.tracking import RunTracker
+    from orpo_ray.tracking.run import RunTracker
 
     return RunTracker.for_worker(cfg, extras, is_main)
