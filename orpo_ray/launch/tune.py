@@ -17,7 +17,8 @@ Flow of `run_sweep(cfg)` (the Tune-driver-function pattern Ray Train V2 document
 5. Results: `tune_results.json` (every trial's config, status, final metrics, checkpoint and model paths, and
    the best trial), `trials.md` (the printed table), `heatmap_<metric>.png` (λ x learning rate),
    `lambda_effect.png` (held-out margin and accuracy against λ), the best trial's model copied to
-   `best_model/`; all logged on the parent run, and the best child run tagged `orpo.best_trial=true`.
+   `best_model/`; all logged on the parent run, the best child run tagged `orpo.best_trial=true`, and its
+   logged model registered as `tracking.registered_model_name` (λ, lr and held-out metrics as version tags).
 """
 
 from __future__ import annotations
@@ -203,3 +204,17 @@ def _log_summary(parent, cfg: Config, summary: dict) -> None:
                          "best_learning_rate": best["learning_rate"], "best_run_id": best["mlflow_run_id"] or ""})
         if best["mlflow_run_id"]:
             parent.set_tags({"orpo.best_trial": "true"}, run_id=best["mlflow_run_id"])
+            _register_best(parent, cfg, best)
+
+
+def _register_best(parent, cfg: Config, best: dict) -> None:
+    """The best trial's logged model into the Model Registry, with what chose it as version tags."""
+    name = cfg.tracking.registered_model_name
+    if not (name and cfg.tracking.log_model and cfg.export.save_model):
+        return
+    tags = {"orpo.beta": best["beta"], "train.learning_rate": best["learning_rate"], "trial_id": best["trial_id"],
+            "sweep_run_id": parent.run_id or "", **best["metrics"]}
+    version = parent.register_model(name, best["mlflow_run_id"], tags)
+    if version:
+        parent.set_tags({"registered_model": f"{name}/{version}"})
+        print(f"[orpo-ray tune] best model registered as {name!r} version {version}", flush=True)

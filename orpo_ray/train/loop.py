@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from orpo_ray.config import Config, config_from_dict
+from orpo_ray.console import progress_interval
 from orpo_ray.forward.layouts import make_collate, make_token_stats
 from orpo_ray.forward.logprobs import nll_target_mask, policy_forward
 from orpo_ray.modeling import (
@@ -113,7 +114,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg)
     wall_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="orpo", disable=not (is_main and t.progress_bar),
-               file=sys.stdout, dynamic_ncols=True)
+               file=sys.stdout, dynamic_ncols=True, mininterval=progress_interval(sys.stdout))
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         engine.model.train()
@@ -148,8 +149,8 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             history.append({"step": done, **train_metrics})
             tracker.log_metrics(train_metrics, step=done)
             if timed_seconds:
-                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",
-                                pairs_s=f"{timed_steps * global_batch / timed_seconds:.1f}")
+                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",  # refresh=False: mininterval decides
+                                pairs_s=f"{timed_steps * global_batch / timed_seconds:.1f}", refresh=False)
 
         evaluated = (t.eval_interval and done % t.eval_interval == 0) or done == total_steps
         if evaluated:
