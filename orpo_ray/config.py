@@ -307,6 +307,9 @@ class Config:
                            ("train.log_interval", t.log_interval), ("scaling.num_workers", self.scaling.num_workers)):
             if value < 1:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
+        if self.tracking.system_metrics_interval_s <= 0:
+            raise ConfigError(f"{where}: tracking.system_metrics_interval_s must be > 0, got "
+                              f"{self.tracking.system_metrics_interval_s}")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"{where}: train.max_steps must be >= 1 or null, got {t.max_steps}")
         self.model.lora.validate(where)

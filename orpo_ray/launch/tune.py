@@ -122,6 +122,8 @@ def run_sweep(cfg: Config) -> dict:
         parent.end_open_children("KILLED")
         summary = _summarize(cfg, rows, data_stats, time.perf_counter() - started, parent.run_id)
         _log_summary(parent, cfg, summary)
+        if link := parent.ui_link():
+            print(f"[orpo-ray tune] review in MLflow (trials nest under the sweep's run): {link}", flush=True)
     # A sweep with failed trials is not finished: re-running it resumes them (Tuner.restore, resume_errored).
     save_state(out / SWEEP_STATE_FILE, cfg, mlflow_parent_run_id=summary["mlflow_parent_run_id"],
                completed=not any(r["status"] == "error" for r in rows))

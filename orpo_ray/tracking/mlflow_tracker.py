@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from orpo_ray.console import verbose
 from orpo_ray.results import finite_float
 from orpo_ray.tracking.protocol import DatasetInfo
 
@@ -304,6 +305,15 @@ class Tracker:
     @property
     def experiment_id(self) -> str | None:
         return self._experiment_id
+
+    def ui_link(self) -> str | None:
+        """The current run's page on an http(s) tracking server, in the UI's model-training view. MLflow 3.17's UI
+        picks GenAI or model training from a global switch (the `workflowType` URL parameter, else the browser's
+        last choice, GenAI by default), not from the experiment's kind tag, so the link carries the parameter."""
+        uri, run_id = self._shared.tracking_uri or "", self.run_id
+        if not (run_id and self._experiment_id and urlsplit(uri).scheme in ("http", "https")):
+            return None
+        return f"{uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
     # -- failure handling ------------------------------------------------------------
 
@@ -695,23 +705,38 @@ class Tracker:
                           os.fspath(model_dir), "lora-adapter" if adapter else "transformers-directory")
 
     def _log_transformers_model(self, run_id: str, name: str, model: Any, tokenizer: Any) -> str | None:
-        if self._client() is None:
+        client = self._client()
+        if client is None:
             return None
         import mlflow
         import torch
         import transformers
 
-        # mlflow.<flavour>.log_model has no client argument: it uses the process-wide tracking URI.
+        # Created here, in the run's experiment: left to the flavour, the model lands in the process's active
+        # experiment (Default), where the run's page and the runs table's Models column do not find it.
+        exp_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id)
+
+        # mlflow.<flavour>.log_model has no client argument: it uses the process-wide tracking URI. Its warnings
+        # that a local model has no Hub model card or licence say nothing about an exported checkpoint.
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(self._shared.tracking_uri)
+        flavour_log = logging.getLogger("mlflow.transformers")
+        level = flavour_log.level
+        flavour_log.setLevel(logging.ERROR)
         try:
             info = mlflow.transformers.log_model(
                 {"model": model, "tokenizer": tokenizer}, name=name, task="text-generation", run_id=run_id,
+                model_id=logged.model_id,
                 # explicit requirements: inferring them loads the model again in a subprocess
                 pip_requirements=[f"transformers=={transformers.__version__}",
                                   f"torch=={torch.__version__.split('+')[0]}"])
+        except Exception:
+            client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
         finally:
             mlflow.set_tracking_uri(previous)
+            flavour_log.setLevel(level)
         return info.model_id
 
     def _log_model_dir(self, client: Any, run_id: str, name: str, model_dir: str, model_type: str) -> str:
@@ -753,6 +778,9 @@ class Tracker:
 
         def start(client: Any) -> Any:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # Its start/stop INFO lines, once per run (per trial in a sweep), only with --verbose.
+            logging.getLogger(SystemMetricsMonitor.__module__).setLevel(logging.NOTSET if verbose() else logging.WARNING)
 
             monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s,
                                            tracking_uri=self._shared.tracking_uri)

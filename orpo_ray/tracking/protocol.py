@@ -45,6 +45,9 @@ class ExperimentTracker(Protocol):
     def tracking_uri(self) -> str | None:
         """Where the runs go, in a form another process can use (a sweep hands it to its trials)."""
 
+    def ui_link(self) -> str | None:
+        """Where a person reviews the current run (a URL), if the backend has a UI."""
+
     def start(self, experiment: str, run_name: str | None = None, tags: Mapping[str, Any] | None = None,
               parent_run_id: str | None = None, nested: bool = False) -> str | None:
         """Open a run (a child of `parent_run_id` if given); returns its id, None when off."""

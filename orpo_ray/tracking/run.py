@@ -71,7 +71,10 @@ class RunTracker:
             if (out_dir / name).exists():
                 self.tracker.log_artifact(out_dir / name)
         self.log_models(cfg, out_dir, model, tokenizer)
+        link = self.tracker.ui_link()
         self.tracker.end("FINISHED")
+        if link:
+            print(f"[orpo-ray] review in MLflow: {link}", flush=True)
 
     def log_models(self, cfg: Any, out_dir: Path, model: Any, tokenizer: Any) -> None:
         """The exported model as a model of the run: LoRA as its adapter directory (merged: a plain model),

@@ -22,6 +22,9 @@ class RecordingTracker:
     def run_id(self) -> str | None:
         return self._runs[-1] if self._runs else None
 
+    def ui_link(self) -> str | None:
+        return None
+
     def _record(self, *call: Any) -> None:
         if self.enabled:
             self.calls.append(call)

@@ -103,3 +103,8 @@ def test_dataset_digest_follows_content_and_selection(tmp_path):
         f.write('{"prompt": "a", "chosen": "b", "rejected": "d"}\n')
     assert dataset_inputs(cfg, {})[0].digest != first[0].digest
     assert len(first[0].digest) == 16 and source_digest("hf://org/set", {}) != source_digest("hf://org/other", {})
+
+
+def test_system_metrics_interval_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match=r"tracking.system_metrics_interval_s must be > 0, got 0"):
+        _cfg(tmp_path, "tracking.system_metrics_interval_s=0")
