@@ -35,6 +35,7 @@ from orpo_ray.config import Config, config_from_dict, with_absolute_paths
 from orpo_ray.launch.run_state import read_state, save_state
 from orpo_ray.launch.session import ensure_ray
 from orpo_ray.launch.sweep import (
+    TABLE_METRICS,
     best_trial,
     check_metric,
     evaluations_per_trial,
@@ -85,6 +86,7 @@ def search_space(cfg: Config) -> dict:
 def run_sweep(cfg: Config) -> dict:
     from orpo_ray.data.ray_pipeline import tokenized_datasets
     from orpo_ray.tracking import make_tracker
+    from orpo_ray.tracking.datasets import dataset_inputs
 
     cfg = with_absolute_paths(cfg)
     check_metric(cfg)
@@ -106,6 +108,8 @@ def run_sweep(cfg: Config) -> dict:
             parent.start(experiment, run_name=cfg.tracking.run_name or f"sweep {out.name}",
                          tags={"kind": "sweep", "output_dir": str(out)})
             parent.log_params({**cfg.to_dict(), "data": data_stats})
+            for dataset in dataset_inputs(cfg, data_stats):
+                parent.log_dataset(dataset)
         save_state(out / SWEEP_STATE_FILE, cfg, mlflow_parent_run_id=parent.run_id, completed=False)
 
         tuner = _tuner(cfg, datasets, {"data_stats": data_stats, "mlflow_uri": uri,
@@ -214,8 +218,9 @@ def _register_best(parent, cfg: Config, best: dict) -> None:
     name = cfg.tracking.registered_model_name
     if not (name and cfg.tracking.log_model and cfg.export.save_model):
         return
+    held_out = {k: best["metrics"][k] for k in dict.fromkeys((cfg.tune.metric, *TABLE_METRICS)) if k in best["metrics"]}
     tags = {"orpo.beta": best["beta"], "train.learning_rate": best["learning_rate"], "trial_id": best["trial_id"],
-            "sweep_run_id": parent.run_id or "", **best["metrics"]}
+            "sweep_run_id": parent.run_id or "", **held_out}
     version = parent.register_model(name, best["mlflow_run_id"], tags)
     if version:
         parent.set_tags({"registered_model": f"{name}/{version}"})
