@@ -17,11 +17,14 @@ import json
 import sys
 
 from orpo_ray.config import ConfigError, describe, load_config, with_absolute_paths
+from orpo_ray.console import set_verbose
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. orpo.beta=0.2 train.max_steps=50")
+    p.add_argument("--verbose", action="store_true",
+                   help="every progress-bar refresh and Ray Data's per-dataset INFO lines (quiet by default)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, default, help_text in describe():
             print(f"{key:42s} {default:24s} {help_text}")
         return 0
+    if getattr(args, "verbose", False):
+        set_verbose()
     try:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
     except ConfigError as e:

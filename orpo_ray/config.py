@@ -255,7 +255,18 @@ class TrackingSection:
         None, "MLflow tracking URI; null means sqlite:///<abs output_dir>/mlflow.db (no server needed)."
     )
     experiment: str = _f("orpo-ray", "MLflow experiment name.")
-    run_name: Optional[str] = _f(None, "MLflow run name; null derives one from output_dir.")
+    run_name: Optional[str] = _f(
+        None, "MLflow run name; null says what the run is: output_dir's name (the config's, by convention), λ and lr."
+    )
+    backend: str = _f("mlflow", "Tracking backend: a name in orpo_ray.tracking.BACKENDS (mlflow).")
+    system_metrics: bool = _f(True, "Log CPU, memory (GPU where present) of rank 0's node as system/ metrics.")
+    system_metrics_interval_s: float = _f(10.0, "Seconds between system-metric samples.")
+    log_model: bool = _f(
+        True, "Log the exported model as an MLflow model (transformers flavour; LoRA: the adapter directory)."
+    )
+    registered_model_name: Optional[str] = _f(
+        "orpo-ray-best", "`orpo-ray tune`: register the best trial's model under this name (null: no registration)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- tune
@@ -333,6 +344,9 @@ class Config:
                            ("train.log_interval", t.log_interval), ("scaling.num_workers", self.scaling.num_workers)):
             if value < 1:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
+        if self.tracking.system_metrics_interval_s <= 0:
+            raise ConfigError(f"{where}: tracking.system_metrics_interval_s must be > 0, got "
+                              f"{self.tracking.system_metrics_interval_s}")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConfigError(f"{where}: train.max_steps must be >= 1 or null, got {t.max_steps}")
         self.model.lora.validate(where)

@@ -203,9 +203,9 @@ def run_data_report(cfg: Config) -> dict:
     plot_lengths(report.pop("_raw_lengths"), cfg.data.max_length, out / "data_lengths.png")
     (out / "data_report.json").write_text(json.dumps(report, indent=2))
     if cfg.tracking.enabled:
-        from orpo_ray.tracking import Tracker, resolve_tracking_uri
+        from orpo_ray.tracking import make_tracker
 
-        with Tracker(resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir)) as tracker:
+        with make_tracker(cfg) as tracker:
             tracker.start(cfg.tracking.experiment, run_name=f"data-report-{out.name}")
             tracker.log_artifact(out / "data_report.json")
             tracker.log_artifact(out / "data_lengths.png")

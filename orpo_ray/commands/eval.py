@@ -113,10 +113,9 @@ def run_eval(cfg: Config, *, mlflow_uri: str | None = None, parent_run_id: str |
 
 
 def _track(cfg: Config, results: dict, eval_json: Path, mlflow_uri: str | None, parent_run_id: str | None) -> None:
-    from orpo_ray.tracking import Tracker, resolve_tracking_uri
+    from orpo_ray.tracking import make_tracker
 
-    tracker = Tracker(mlflow_uri or resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir))
-    with tracker:
+    with make_tracker(cfg, uri=mlflow_uri) as tracker:
         tracker.start(cfg.tracking.experiment, run_name=f"eval-{Path(cfg.output_dir).name}",
                       tags={"kind": "eval", "checkpoint": results["checkpoint"]}, parent_run_id=parent_run_id)
         tracker.log_params({"eval": dataclasses.asdict(cfg.eval), f"{cfg.objective}.beta": results["beta"],

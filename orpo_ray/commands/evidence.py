@@ -94,17 +94,17 @@ def _cell(key: str, value: Any) -> str:
 # --------------------------------------------------------------------------------------------- driver
 def run_evidence(cfg: Config, command: str | None = None) -> dict:
     """Train and evaluate every arm, then write plots, evidence.json/.md and log them to MLflow."""
-    from orpo_ray.tracking import Tracker, resolve_tracking_uri
+    from orpo_ray.tracking import make_tracker
     from orpo_ray.train.loop import RUN_EXTRAS_KEY, train_loop_per_worker
 
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir) if cfg.tracking.enabled else None
-    parent = Tracker(uri)
+    parent = make_tracker(cfg)
+    uri = parent.tracking_uri
     with parent:
         parent.start(cfg.tracking.experiment, run_name=cfg.tracking.run_name or root.name,
                      tags={"kind": "evidence", "command": command or ""})
-        parent.log_params({"config": cfg.to_dict()})
+        parent.log_params(cfg.to_dict())
         extras = {"mlflow_uri": uri, "mlflow_parent_run_id": parent.run_id}
         rows, histories = [], {}
         for arm in arms_for(cfg):

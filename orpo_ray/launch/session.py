@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orpo_ray import ONEDNN_CACHE_ENV
 from orpo_ray.config import Config
+from orpo_ray.console import VERBOSE_ENV, verbose
 
 
 def worker_env(address: str | None = None) -> dict:
@@ -21,16 +22,20 @@ def worker_env(address: str | None = None) -> dict:
     env[ONEDNN_CACHE_ENV] = os.environ[ONEDNN_CACHE_ENV]  # from process start (see orpo_ray/__init__.py)
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_ray_torch_extensions"))
+    if verbose():  # --verbose on a cluster the driver did not start
+        env[VERBOSE_ENV] = "1"
     if address and address != "auto" and "://" not in address:
         env["RAY_ADDRESS"] = address
     return env
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's per-dataset progress bars flood the log of every worker; our own tqdm bar shows progress."""
+    """Ray Data's per-dataset progress bars and INFO lines flood the console; our own tqdm bar shows progress."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from orpo_ray.console import quiet_ray_data as quiet
+
+    quiet(ray.data.DataContext.get_current())
 
 
 def ensure_ray(cfg: Config) -> None:

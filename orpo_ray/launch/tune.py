@@ -18,7 +18,8 @@ Flow of `run_sweep(cfg)` (the Tune-driver-function pattern Ray Train V2 document
 5. Results: `tune_results.json` (every trial's config, status, final metrics, checkpoint and model paths, and
    the best trial), `trials.md` (the printed table), `heatmap_<metric>.png` (λ x learning rate),
    `lambda_effect.png` (held-out margin and accuracy against λ), the best trial's model copied to
-   `best_model/`; all logged on the parent run, and the best child run tagged `orpo.best_trial=true`.
+   `best_model/`; all logged on the parent run, the best child run tagged `orpo.best_trial=true`, and its
+   logged model registered as `tracking.registered_model_name` (λ, lr and held-out metrics as version tags).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from orpo_ray.config import Config, config_from_dict, with_absolute_paths
 from orpo_ray.launch.run_state import read_state, save_state
 from orpo_ray.launch.session import ensure_ray
 from orpo_ray.launch.sweep import (
+    TABLE_METRICS,
     beta_label,
     best_trial,
     check_metric,
@@ -89,7 +91,8 @@ def search_space(cfg: Config) -> dict:
 
 def run_sweep(cfg: Config) -> dict:
     from orpo_ray.data.ray_pipeline import tokenized_datasets
-    from orpo_ray.tracking import Tracker, resolve_tracking_uri
+    from orpo_ray.tracking import make_tracker
+    from orpo_ray.tracking.datasets import dataset_inputs
 
     cfg = with_absolute_paths(cfg)
     check_metric(cfg)
@@ -105,14 +108,16 @@ def run_sweep(cfg: Config) -> dict:
     datasets, data_stats = tokenized_datasets(cfg)
     if not data_stats["eval_pairs"]:  # before any trial runs: a sweep without eval metrics cannot rank trials
         raise ValueError(f"tune ranks trials by {cfg.tune.metric}, an eval metric, but there are {no_eval_reason(cfg)}")
-    uri = resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir) if cfg.tracking.enabled else None
-    parent = Tracker(uri)
+    parent = make_tracker(cfg)
+    uri = parent.tracking_uri
     with parent:
         experiment = cfg.tracking.experiment
         if not (state.get("mlflow_parent_run_id") and parent.attach(experiment, state["mlflow_parent_run_id"])):
             parent.start(experiment, run_name=cfg.tracking.run_name or f"sweep {out.name}",
                          tags={"kind": "sweep", "output_dir": str(out)})
-            parent.log_params({"config": cfg.to_dict(), "data": data_stats})
+            parent.log_params({**cfg.to_dict(), "data": data_stats})
+            for dataset in dataset_inputs(cfg, data_stats):
+                parent.log_dataset(dataset)
         save_state(out / SWEEP_STATE_FILE, cfg, mlflow_parent_run_id=parent.run_id, completed=False)
 
         tuner = _tuner(cfg, datasets, {"data_stats": data_stats, "mlflow_uri": uri,
@@ -129,6 +134,8 @@ def run_sweep(cfg: Config) -> dict:
         parent.end_open_children("KILLED")
         summary = _summarize(cfg, rows, data_stats, time.perf_counter() - started, parent.run_id)
         _log_summary(parent, cfg, summary)
+        if link := parent.ui_link():
+            print(f"[orpo-ray tune] review in MLflow (trials nest under the sweep's run): {link}", flush=True)
     # A sweep with failed trials is not finished: re-running it resumes them (Tuner.restore, resume_errored).
     save_state(out / SWEEP_STATE_FILE, cfg, mlflow_parent_run_id=summary["mlflow_parent_run_id"],
                completed=not any(r["status"] == "error" for r in rows))
@@ -215,3 +222,18 @@ def _log_summary(parent, cfg: Config, summary: dict) -> None:
                          "best_learning_rate": best["learning_rate"], "best_run_id": best["mlflow_run_id"] or ""})
         if best["mlflow_run_id"]:
             parent.set_tags({"orpo.best_trial": "true"}, run_id=best["mlflow_run_id"])
+            _register_best(parent, cfg, best)
+
+
+def _register_best(parent, cfg: Config, best: dict) -> None:
+    """The best trial's logged model into the Model Registry, with what chose it as version tags."""
+    name = cfg.tracking.registered_model_name
+    if not (name and cfg.tracking.log_model and cfg.export.save_model):
+        return
+    held_out = {k: best["metrics"][k] for k in dict.fromkeys((cfg.tune.metric, *TABLE_METRICS)) if k in best["metrics"]}
+    tags = {"orpo.beta": best["beta"], "train.learning_rate": best["learning_rate"], "trial_id": best["trial_id"],
+            "sweep_run_id": parent.run_id or "", **held_out}
+    version = parent.register_model(name, best["mlflow_run_id"], tags)
+    if version:
+        parent.set_tags({"registered_model": f"{name}/{version}"})
+        print(f"[orpo-ray tune] best model registered as {name!r} version {version}", flush=True)

@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from orpo_ray.console import verbose
 from orpo_ray.results import finite_float
+from orpo_ray.tracking.protocol import DatasetInfo
 
 logger = logging.getLogger("orpo_ray.tracking")  # one logger name for the package (tests and users filter on it)
 
@@ -65,6 +67,10 @@ _PASS_THROUGH_SCHEMES = (
 )
 _INVALID_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# The MLflow UI (3.x) opens an experiment in its GenAI view unless this experiment tag says otherwise; the
+# values are the UI's ExperimentKind enum (mlflow/server/js, "custom_model_development" = "Model training").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
 
 
 # ----------------------------------------------------------------------------------
@@ -253,6 +259,7 @@ class Tracker:
         self._runs: list[str] = []  # stack of open runs; [-1] is the current one
         self._experiment_id: str | None = None
         self._params_by_run: dict[str | None, dict[str, str]] = {}
+        self._monitors: dict[str, Any] = {}  # run id -> mlflow SystemMetricsMonitor
 
     # -- construction --------------------------------------------------------------
 
@@ -298,6 +305,15 @@ class Tracker:
     @property
     def experiment_id(self) -> str | None:
         return self._experiment_id
+
+    def ui_link(self) -> str | None:
+        """The current run's page on an http(s) tracking server, in the UI's model-training view. MLflow 3.17's UI
+        picks GenAI or model training from a global switch (the `workflowType` URL parameter, else the browser's
+        last choice, GenAI by default), not from the experiment's kind tag, so the link carries the parameter."""
+        uri, run_id = self._shared.tracking_uri or "", self.run_id
+        if not (run_id and self._experiment_id and urlsplit(uri).scheme in ("http", "https")):
+            return None
+        return f"{uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
     # -- failure handling ------------------------------------------------------------
 
@@ -410,7 +426,8 @@ class Tracker:
                 # directory*; keep artifacts next to the database instead.
                 location = (db.parent / "mlartifacts").resolve().as_uri()
             try:
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(name, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_TRAINING})
             except Exception:
                 # Another process may have created it in between (RESOURCE_ALREADY_EXISTS).
                 exp = client.get_experiment_by_name(name)
@@ -418,6 +435,8 @@ class Tracker:
                     raise
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND_TRAINING:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING)
         return exp.experiment_id
 
     def _start_run(
@@ -479,6 +498,9 @@ class Tracker:
             status = "FAILED"
         run_id = self._runs.pop()
         self._params_by_run.pop(run_id, None)
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()  # joins its thread and logs the last sample before the run ends
         self._call(f"end run {run_id}", lambda c: c.set_terminated(run_id, status))
 
     def end_all(self, status: str = "FINISHED") -> None:
@@ -646,6 +668,128 @@ class Tracker:
             f"log artifacts {os.fspath(local_dir)!r}",
             lambda c: c.log_artifacts(run_id, os.fspath(local_dir), artifact_path),
         )
+
+    # -- inputs, models, system metrics ------------------------------------------------
+
+    def log_dataset(self, dataset: DatasetInfo) -> None:
+        """A dataset input of the current run (the runs table's Dataset column; the digest tells runs apart)."""
+        run_id = self._active()
+        if run_id is None:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entity = Dataset(name=_truncate(dataset.name, 500), digest=dataset.digest[:36], source_type="local",
+                         source=json.dumps({"uri": dataset.source}), profile=json.dumps(dict(dataset.profile)))
+        tags = [InputTag("mlflow.data.context", dataset.context)]
+        self._call(f"log dataset {dataset.name!r}",
+                   lambda c: c.log_inputs(run_id, datasets=[DatasetInput(entity, tags)]))
+
+    def log_model(self, model_dir: str | os.PathLike[str], *, name: str = "model", model: Any = None,
+                  tokenizer: Any = None, adapter: bool = False) -> str | None:
+        """Log an exported model as an MLflow model of the current run (the runs table's Models column).
+
+        A plain model in memory goes in the transformers flavour (loadable with mlflow.transformers.load_model);
+        a LoRA adapter, or a model the flavour refuses, goes in as the export directory itself (what
+        `load_adapter_model` / `from_pretrained` read). Returns the model id.
+        """
+        run_id = self._active()
+        if run_id is None or not Path(model_dir).is_dir():
+            return None
+        if model is not None and tokenizer is not None and not adapter:
+            try:
+                return self._log_transformers_model(run_id, name, model, tokenizer)
+            except Exception as err:  # noqa: BLE001 - fall back to the directory; tracking stays on
+                self._warn_once(f"flavour-{name}", "transformers flavour failed for %s (%s: %s); logging the "
+                                "export directory as the model instead", name, type(err).__name__, _one_line(err))
+        return self._call(f"log model {os.fspath(model_dir)!r}", self._log_model_dir, run_id, name,
+                          os.fspath(model_dir), "lora-adapter" if adapter else "transformers-directory")
+
+    def _log_transformers_model(self, run_id: str, name: str, model: Any, tokenizer: Any) -> str | None:
+        client = self._client()
+        if client is None:
+            return None
+        import mlflow
+        import torch
+        import transformers
+
+        # Created here, in the run's experiment: left to the flavour, the model lands in the process's active
+        # experiment (Default), where the run's page and the runs table's Models column do not find it.
+        exp_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id)
+
+        # mlflow.<flavour>.log_model has no client argument: it uses the process-wide tracking URI. Its warnings
+        # that a local model has no Hub model card or licence say nothing about an exported checkpoint.
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self._shared.tracking_uri)
+        flavour_log = logging.getLogger("mlflow.transformers")
+        level = flavour_log.level
+        flavour_log.setLevel(logging.ERROR)
+        try:
+            info = mlflow.transformers.log_model(
+                {"model": model, "tokenizer": tokenizer}, name=name, task="text-generation", run_id=run_id,
+                model_id=logged.model_id,
+                # explicit requirements: inferring them loads the model again in a subprocess
+                pip_requirements=[f"transformers=={transformers.__version__}",
+                                  f"torch=={torch.__version__.split('+')[0]}"])
+        except Exception:
+            client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        finally:
+            mlflow.set_tracking_uri(previous)
+            flavour_log.setLevel(level)
+        return info.model_id
+
+    def _log_model_dir(self, client: Any, run_id: str, name: str, model_dir: str, model_type: str) -> str:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        exp_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id, model_type=model_type)
+        client.log_model_artifacts(logged.model_id, model_dir)
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
+        return logged.model_id
+
+    def register_model(self, name: str, run_id: str, tags: Mapping[str, Any] | None = None) -> str | None:
+        """Register the model `run_id` logged (its last one) under `name`; returns the new version number."""
+        if not (self._shared.enabled and run_id):
+            return None
+        clean = self._clean_tags(tags or {})
+
+        def register(client: Any) -> str | None:
+            exp_id = client.get_run(run_id).info.experiment_id
+            models = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'")
+            if not models:
+                self._warn_once(f"no-model-{run_id}", "run %s logged no model; nothing to register", run_id)
+                return None
+            model = max(models, key=lambda m: m.creation_timestamp)
+            if not client.search_registered_models(f"name = '{name}'"):
+                client.create_registered_model(name)
+            version = client.create_model_version(name, source=model.model_uri, run_id=run_id, tags=clean,
+                                                  model_id=model.model_id)
+            return version.version
+
+        return self._call(f"register model {name!r}", register)
+
+    def start_system_metrics(self, interval_s: float) -> None:
+        """CPU, memory, disk, network (GPU with pynvml) of this machine as system/ metrics of the current run."""
+        run_id = self._active()
+        if run_id is None or run_id in self._monitors:
+            return
+
+        def start(client: Any) -> Any:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # Its start/stop INFO lines, once per run (per trial in a sweep), only with --verbose.
+            logging.getLogger(SystemMetricsMonitor.__module__).setLevel(logging.NOTSET if verbose() else logging.WARNING)
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s,
+                                           tracking_uri=self._shared.tracking_uri)
+            monitor.start()
+            return monitor
+
+        monitor = self._call("start system metrics", start)
+        if monitor is not None:
+            self._monitors[run_id] = monitor
 
 
 def _one_line(err: BaseException) -> str:

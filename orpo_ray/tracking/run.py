@@ -1,4 +1,4 @@
-"""What one training run logs (rank 0 only): a thin policy layer over the never-fatal MLflow tracker."""
+"""What one training run logs (rank 0 only): a thin policy layer over the never-fatal tracker."""
 
 from __future__ import annotations
 
@@ -6,44 +6,60 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from orpo_ray.tracking.mlflow_tracker import Tracker, resolve_tracking_uri
+from orpo_ray.tracking.datasets import dataset_inputs
+from orpo_ray.tracking.factory import make_tracker
 from orpo_ray.tracking.plots import plot_training_curves
+from orpo_ray.tracking.protocol import ExperimentTracker
+
+
+def describe_run(cfg: Any) -> str:
+    """What the run is, for the runs table: tracking.run_name, else output_dir's name (by convention the
+    config's), λ and learning rate."""
+    return cfg.tracking.run_name or (f"{Path(cfg.output_dir).name} λ={cfg.orpo.beta:g} "
+                                     f"lr={cfg.train.learning_rate:.3g}")
 
 
 class RunTracker:
-    """What one training run logs, on rank 0 only: params, TRL-named metrics, and artifacts at the end.
+    """What one training run logs, on rank 0 only: params, data inputs, TRL-named metrics, system metrics,
+    and artifacts and the model at the end.
 
-    A thin policy layer over `Tracker` (which owns the never-fatal MLflow calls): under a Tune sweep the
-    run becomes a child of the sweep's parent run (`extras["mlflow_parent_run_id"]`).
+    A thin policy layer over an `ExperimentTracker` (which owns the never-fatal calls): under a Tune sweep
+    the run becomes a child of the sweep's parent run (`extras["mlflow_parent_run_id"]`).
     """
 
-    def __init__(self, tracker: Tracker):
+    def __init__(self, tracker: ExperimentTracker):
         self.tracker = tracker
 
     @classmethod
     def for_worker(cls, cfg: Any, extras: Mapping[str, Any], is_main: bool) -> "RunTracker":
-        if not (is_main and cfg.tracking.enabled):
-            return cls(Tracker.disabled())
-        uri = extras.get("mlflow_uri") or resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir)
-        tracker = Tracker(uri)
-        run_name = cfg.tracking.run_name or Path(cfg.output_dir).name
-        tracker.start(cfg.tracking.experiment, run_name=run_name,
-                      tags={"orpo.beta": cfg.orpo.beta, "output_dir": str(Path(cfg.output_dir).resolve())},
-                      parent_run_id=extras.get("mlflow_parent_run_id"))
+        tracker = make_tracker(cfg, main=is_main, uri=extras.get("mlflow_uri"))
+        if tracker.enabled:
+            tracker.start(cfg.tracking.experiment, run_name=describe_run(cfg),
+                          tags={"orpo.beta": cfg.orpo.beta, "output_dir": str(Path(cfg.output_dir).resolve())},
+                          parent_run_id=extras.get("mlflow_parent_run_id"))
+            if cfg.tracking.system_metrics:  # rank 0 only: one node's view, not one series per worker
+                tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
         return cls(tracker)
 
     @property
     def run_id(self) -> str | None:
         return self.tracker.run_id
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.tracker.log_params(params)
+    def log_start(self, cfg: Any, data_stats: Mapping[str, Any], precision: str) -> None:
+        """Config as flattened params (`orpo.beta`, `train.learning_rate`: the same keys in every run, so
+        MLflow's compare view lines runs up), and the train/eval data as dataset inputs."""
+        if not self.tracker.enabled:
+            return
+        self.tracker.log_params({**cfg.to_dict(), "data": data_stats, "precision": precision})
+        for dataset in dataset_inputs(cfg, data_stats):
+            self.tracker.log_dataset(dataset)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         self.tracker.log_metrics(metrics, step=step)
 
-    def finish(self, cfg: Any, history: Sequence[Mapping[str, Any]], out_dir: Path) -> None:
-        """Plots, config, results, quarantine report and the exported model as artifacts; then end the run."""
+    def finish(self, cfg: Any, history: Sequence[Mapping[str, Any]], out_dir: Path, model: Any = None,
+               tokenizer: Any = None) -> None:
+        """Plots, config, results and quarantine report as artifacts, the exported model; then end the run."""
         if not self.tracker.enabled:
             return
         out_dir = Path(out_dir)
@@ -54,10 +70,26 @@ class RunTracker:
         for name in ("config.yaml", "results.json", "history.json", "quarantine.jsonl"):
             if (out_dir / name).exists():
                 self.tracker.log_artifact(out_dir / name)
-        for name in ("model", "merged"):  # merged: LoRA adapters folded into a plain model (export.merge_lora)
-            if (out_dir / name).is_dir():
-                self.tracker.log_artifacts(out_dir / name, name)
+        self.log_models(cfg, out_dir, model, tokenizer)
+        link = self.tracker.ui_link()
         self.tracker.end("FINISHED")
+        if link:
+            print(f"[orpo-ray] review in MLflow: {link}", flush=True)
+
+    def log_models(self, cfg: Any, out_dir: Path, model: Any, tokenizer: Any) -> None:
+        """The exported model as a model of the run: LoRA as its adapter directory (merged: a plain model),
+        otherwise in the transformers flavour; as plain artifacts when tracking.log_model is off."""
+        lora = cfg.model.lora.enabled
+        for name in ("model", "merged"):  # merged: LoRA adapters folded into a plain model (export.merge_lora)
+            if not (out_dir / name).is_dir():
+                continue
+            if not cfg.tracking.log_model:
+                self.tracker.log_artifacts(out_dir / name, name)
+            elif name == "model":
+                self.tracker.log_model(out_dir / name, name=name, model=None if lora else model,
+                                       tokenizer=tokenizer, adapter=lora)
+            else:
+                self.tracker.log_model(out_dir / name, name=name)
 
 
 def _yaml_dump(values: Mapping[str, Any]) -> str:

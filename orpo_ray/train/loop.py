@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from orpo_ray.config import Config, config_from_dict
+from orpo_ray.console import progress_interval
 from orpo_ray.forward.layouts import make_collate, make_token_stats
 from orpo_ray.forward.logprobs import nll_target_mask, policy_forward
 from orpo_ray.modeling import (
@@ -105,7 +106,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
               f" | precision {precision} ({precision_reason}) "
               f"| {objective} | {data_stats} | {total_steps} steps of {global_batch} pairs"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
-        tracker.log_params({"config": cfg.to_dict(), "data": data_stats, "precision": precision})
+        tracker.log_start(cfg, data_stats, precision)
 
     # ---- the loop ------------------------------------------------------------------------------
     micro_iter = _micro_batches(runtime, start_micro=start_step * t.gradient_accumulation_steps)
@@ -120,7 +121,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg, nll_on_prompt)
     wall_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=objective.name, disable=not (is_main and t.progress_bar),
-               file=sys.stdout, dynamic_ncols=True)
+               file=sys.stdout, dynamic_ncols=True, mininterval=progress_interval(sys.stdout))
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         engine.model.train()
@@ -155,8 +156,8 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             history.append({"step": done, **train_metrics})
             tracker.log_metrics(train_metrics, step=done)
             if timed_seconds:
-                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",
-                                pairs_s=f"{timed_steps * global_batch / timed_seconds:.1f}")
+                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",  # refresh=False: mininterval decides
+                                pairs_s=f"{timed_steps * global_batch / timed_seconds:.1f}", refresh=False)
 
         evaluated = (t.eval_interval and done % t.eval_interval == 0) or done == total_steps
         if evaluated and not eval_skipped:
@@ -218,7 +219,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             export_merged(engine.module, tokenizer, out / "merged")
             results["merged_dir"] = str((out / "merged").resolve())
         write_results(out / "results.json", results)
-        tracker.finish(cfg, history, out)
+        tracker.finish(cfg, history, out, engine.module, tokenizer)
     return results
 
 
@@ -242,6 +243,6 @@ def _inject_fault(cfg: Config, step: int) -> None:
 
 
 def _start_tracker(cfg: Config, extras: dict, is_main: bool):
-    from orpo_ray.tracking import RunTracker
+    from orpo_ray.tracking.run import RunTracker
 
     return RunTracker.for_worker(cfg, extras, is_main)

@@ -104,12 +104,15 @@ def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(local_ray_env, t
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
     for child in children:
-        assert child.data.params["config.orpo.beta"] in ("0.1", "1.0")
+        assert child.data.params["orpo.beta"] in ("0.1", "1.0")
         assert "eval_nll_loss" in child.data.metrics and "rewards/margins" in child.data.metrics
         if child.info.status == "FINISHED":
             names = {a.path for a in client.list_artifacts(child.info.run_id)}
-            assert {"results.json", "config.yaml", "plots", "model"} <= names
-    status_of = {(float(c.data.params["config.orpo.beta"]), float(c.data.params["config.train.learning_rate"])):
+            assert {"results.json", "config.yaml", "plots"} <= names
+            models = client.search_logged_models([exp.experiment_id],
+                                                 filter_string=f"source_run_id = '{child.info.run_id}'")
+            assert [m.name for m in models] == ["model"]  # the exported model, as an MLflow model of the run
+    status_of = {(float(c.data.params["orpo.beta"]), float(c.data.params["train.learning_rate"])):
                  c.info.status for c in children}
     # A completed trial's run ended itself; a run cut off by ASHA could not, so the sweep marked it KILLED.
     assert status_of == {k: "FINISHED" if t["status"] == "completed" else "KILLED" for k, t in trials.items()}
@@ -123,4 +126,9 @@ def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(local_ray_env, t
     assert ("lambda_effect.png" in parent_artifacts) == (len(lambdas_completed) > 1)
     assert parent.data.tags["best_trial"] == best["trial_id"]
     assert parent.data.metrics["best/eval_nll_loss"] == pytest.approx(best["metrics"]["eval_nll_loss"])
+    # The best trial's model, registered with what chose it.
+    [version] = client.search_model_versions("name = 'orpo-ray-best'")
+    assert version.run_id == best["mlflow_run_id"] and parent.data.tags["registered_model"] == "orpo-ray-best/1"
+    assert float(version.tags["orpo.beta"]) == best["beta"]
+    assert float(version.tags["eval_nll_loss"]) == pytest.approx(best["metrics"]["eval_nll_loss"])
     assert parent.info.status == "FINISHED"

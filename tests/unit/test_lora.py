@@ -120,31 +120,3 @@ def test_training_new_adapters_on_an_adapter_dir_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="LoRA adapter directory"):
         load_model_and_tokenizer(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=True)))
 
-
-class _RecordingTracker:
-    """Stands in for tracking.Tracker: records which artifacts a finished run logs."""
-
-    enabled = True
-
-    def __init__(self):
-        self.logged = []
-
-    def log_artifact(self, path, artifact_path=None):
-        self.logged.append(("file", path.name, artifact_path))
-
-    def log_artifacts(self, path, artifact_path=None):
-        self.logged.append(("dir", path.name, artifact_path))
-
-    def end(self, status):
-        self.logged.append(("end", status, None))
-
-
-def test_finished_run_logs_the_adapter_and_the_merged_model(tmp_path):
-    from orpo_ray.tracking import RunTracker
-
-    for name in ("model", "merged"):
-        (tmp_path / name).mkdir()
-    tracker = _RecordingTracker()
-    RunTracker(tracker).finish(load_config(None, []), [], tmp_path)
-    assert {("dir", "model", "model"), ("dir", "merged", "merged")} <= set(tracker.logged)
-    assert tracker.logged[-1] == ("end", "FINISHED", None)
