@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             if args.local:
-                from orpo_ray.train.loop import train_loop_per_worker
+                from orpo_ray.launch.local import run_local
 
-                results = train_loop_per_worker(cfg.to_dict())
+                results = run_local(cfg)
             else:
                 from orpo_ray.launch.trainer import run_training
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             from orpo_ray.commands.data_report import run_data_report
 
             run_data_report(cfg)
-    except ConfigError as e:  # e.g. re-running an output_dir with a different config
+    except ConfigError as e:  # e.g. re-running an output_dir with a different config, or one in use
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2
     return 0

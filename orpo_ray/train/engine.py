@@ -30,6 +30,7 @@ Usage (inside a Ray Train worker or a single process)::
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import random
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 _TORCH_STATE_FILE = "engine_state.pt"
-_RNG_FILE_FMT = "rng_state_rank{rank}.pt"
+_RNG_FILE_FMT = "rng_state_rank{rank}.json"  # JSON, not pickle: see _rng_state
 _DS_TAG_FMT = "global_step{step}"
 
 
@@ -109,27 +110,55 @@ def lr_lambda_factory(
 
 
 def _rng_state() -> Dict[str, Any]:
-    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG's state as JSON-able lists: resume reads it back with json, never with pickle (a checkpoint
+    store anyone can write to must not be able to run code in the next resume)."""
+    version, internal, gauss = random.getstate()
+    st: Dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
     try:
         import numpy as np
 
-        st["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        st["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return st
 
 
 def _set_rng_state(st: Dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    torch.set_rng_state(st["torch"])
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
     if "numpy" in st:
         import numpy as np
 
-        np.random.set_state(st["numpy"])
+        name, keys, pos, has_gauss, cached = st["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in st and torch.cuda.is_available():  # pragma: no cover
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
+def save_rng_state(directory: str, rank: int) -> None:
+    with open(os.path.join(directory, _RNG_FILE_FMT.format(rank=rank)), "w") as f:
+        json.dump(_rng_state(), f)
+
+
+def load_rng_state(directory: str, rank: int) -> bool:
+    """Restore this rank's RNG state from a checkpoint directory (False when it has none)."""
+    path = os.path.join(directory, _RNG_FILE_FMT.format(rank=rank))
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        _set_rng_state(json.load(f))
+    return True
+
+
+def ds_accelerator_for(device: torch.device | str) -> str:
+    """DeepSpeed's accelerator for a model on `device` (its names are torch's device types: cuda, cpu, xpu, ...):
+    it must match where the tensors are, whatever a parent process exported (a CPU head node's
+    DS_ACCELERATOR=cpu leaking into a GPU worker would pick DeepSpeed's CPU accelerator: gloo, CPU ops)."""
+    return torch.device(device).type
 
 
 def _world_rank() -> int:
@@ -323,12 +352,13 @@ class TorchEngine(Engine):
         tmp = os.path.join(directory, _TORCH_STATE_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(directory, _TORCH_STATE_FILE))
-        torch.save(_rng_state(), os.path.join(directory, _RNG_FILE_FMT.format(rank=0)))
+        save_rng_state(directory, rank=0)
 
     def load(self, directory: Optional[str]) -> bool:
         if not directory or not os.path.isfile(os.path.join(directory, _TORCH_STATE_FILE)):
             return False
-        state = torch.load(os.path.join(directory, _TORCH_STATE_FILE), map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only; a tampered file cannot run code on resume.
+        state = torch.load(os.path.join(directory, _TORCH_STATE_FILE), map_location="cpu", weights_only=True)
         missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
         if unexpected or set(missing) - self._frozen:  # only frozen weights may be absent (see frozen_parameter_names)
             raise RuntimeError(f"checkpoint {directory} does not fit the model: missing "
@@ -338,9 +368,7 @@ class TorchEngine(Engine):
         self._global_step = int(state["global_step"])
         self._micro = int(state["micro_step"])
         self.client_state = state.get("client_state", {})
-        rng = os.path.join(directory, _RNG_FILE_FMT.format(rank=0))
-        if os.path.isfile(rng):
-            _set_rng_state(torch.load(rng, weights_only=False))
+        load_rng_state(directory, rank=0)
         return True
 
 
@@ -357,9 +385,8 @@ class DeepSpeedEngine(Engine):
         lr_lambda: Callable[[int], float],
         weight_decay: float,
     ):
-        if not torch.cuda.is_available():
-            # Must happen before the first `import deepspeed` (accelerator is chosen on import/first use).
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Must happen before the first `import deepspeed` (the accelerator is chosen on import/first use).
+        os.environ["DS_ACCELERATOR"] = ds_accelerator_for(next(model.parameters()).device)
         import torch.distributed as dist
 
         self._owned_pg = False
@@ -423,7 +450,7 @@ class DeepSpeedEngine(Engine):
             client_state={"client_state": dict(client_state or {}), "micro_step": int(self.engine.micro_steps)},
             exclude_frozen_parameters=self._has_frozen,  # see frozen_parameter_names
         )
-        torch.save(_rng_state(), os.path.join(directory, _RNG_FILE_FMT.format(rank=_world_rank())))
+        save_rng_state(directory, rank=_world_rank())
 
     def load(self, directory: Optional[str]) -> bool:
         if not directory or not os.path.isfile(os.path.join(directory, "latest")):
@@ -436,9 +463,7 @@ class DeepSpeedEngine(Engine):
         self.client_state = client.get("client_state", {})
         if "micro_step" in client:
             self.engine.micro_steps = int(client["micro_step"])
-        rng = os.path.join(directory, _RNG_FILE_FMT.format(rank=_world_rank()))
-        if os.path.isfile(rng):
-            _set_rng_state(torch.load(rng, weights_only=False))
+        load_rng_state(directory, rank=_world_rank())
         return True
 
     def close(self) -> None:
