@@ -208,6 +208,9 @@ class ScalingSection:
     cpus_per_worker: int = _f(1, "CPUs reserved per worker.")
     address: Optional[str] = _f(None, "Ray cluster address; null starts a local Ray instance.")
     max_failures: int = _f(1, "Worker-group restarts Ray Train may do (resuming from the last checkpoint).")
+    memory_per_worker_gb: Optional[float] = _f(
+        None, "Memory one worker may use, for `orpo-ray plan`'s warning: null means the GPU's memory (use_gpu, when a "
+        "GPU is visible here) or this machine's RAM / num_workers.")
     storage_path: Optional[str] = _f(
         None, "Shared storage for Ray Train checkpoints: a local/mounted directory (made absolute) or a URI Ray Train "
         "supports (s3://, gs://, file://, any pyarrow filesystem; passed as is); null means output_dir/ray.")

@@ -556,3 +556,37 @@ def deepspeed_section(d) -> dict:
     if d.offload_param:
         zero["offload_param"] = {"device": "cpu"}
     return {"zero_optimization": zero}
+
+
+def estimate_model_states_bytes(trainable: int, frozen: int, *, zero_stage: int, world_size: int, use_deepspeed: bool,
+                                offload_optimizer: bool = False, offload_param: bool = False,
+                                largest_layer_params: int = 0, weight_bytes: int = 4) -> dict:
+    """Per-worker bytes of parameters + gradients + optimizer state, as DeepSpeed itself estimates them.
+
+    DeepSpeed: its own `estimate_zero2_model_states_mem_needs` (stages 0-2; stage 0 is stage 2 on one rank, i.e. no
+    partitioning) or `estimate_zero3_model_states_mem_needs`, for the trainable parameters (they assume 16-bit
+    weights with fp32 master copies and Adam moments), plus the frozen weights (LoRA's base) at `weight_bytes`.
+    The plain torch engine keeps no master copy: weights and gradients at `weight_bytes`, two fp32 AdamW moments.
+    Returns {"device": bytes, "host": bytes (CPU offload / DeepSpeed's buffers), "how": which formula}.
+    """
+    if not use_deepspeed:
+        device = (trainable + frozen) * weight_bytes + trainable * (weight_bytes + 8)
+        return {"device": device, "host": 0, "how": "torch AdamW: weights + grads at the weight dtype, 2 fp32 moments"}
+    if zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        host, device, _ = estimate_zero3_model_states_mem_needs(
+            trainable, largest_layer_params, num_gpus_per_node=world_size, num_nodes=1,
+            cpu_offload=offload_optimizer, cpu_offload_params=offload_param, zero_init=False)
+        how = "deepspeed estimate_zero3_model_states_mem_needs"
+    else:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        # Stage 0/1 keep full gradients (and stage 0 full optimizer state) on every rank: DeepSpeed's
+        # stage-2 estimate on one rank is the unpartitioned figure; stage 1 partitions only the optimizer
+        # state, so the stage-2 figure is a lower bound there.
+        ranks = world_size if zero_stage == 2 else 1
+        host, device = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=ranks, num_nodes=1,
+                                                             cpu_offload=offload_optimizer)
+        how = f"deepspeed estimate_zero2_model_states_mem_needs over {ranks} rank(s)"
+    return {"device": int(device + frozen * weight_bytes), "host": int(host), "how": how}

@@ -28,6 +28,7 @@ from orpo_ray.modeling import (
     parameter_counts,
 )
 from orpo_ray.objectives.orpo import orpo_loss, step_nll_weights
+from orpo_ray.plan import format_plan, model_shape, resolve_plan
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
 from orpo_ray.results import write_results
 from orpo_ray.train.engine import create_engine, deepspeed_section
@@ -74,9 +75,10 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     total_steps = t.total_steps(per_epoch)
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * runtime.world_size
 
+    use_deepspeed = cfg.deepspeed.enabled and runtime.supports_deepspeed
     engine = create_engine(
         model,
-        use_deepspeed=cfg.deepspeed.enabled and runtime.supports_deepspeed,
+        use_deepspeed=use_deepspeed,
         lr=t.learning_rate,
         total_steps=total_steps,
         # A short run (e.g. `train.max_steps=4` on the demo) keeps its warm-up within the run.
@@ -90,6 +92,11 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         betas=tuple(t.adam_betas),
         ds_section=deepspeed_section(cfg.deepspeed),
     )
+    # The resolved run, as `orpo-ray plan` shows it: heads the log, goes to results.json and MLflow params
+    # (after the engine: DeepSpeed's estimators import deepspeed, whose accelerator the engine sets first).
+    plan = resolve_plan(cfg, shape=model_shape(model, cfg.model.attn_implementation, runtime.device),
+                        trainable=trainable, total=total, use_deepspeed=use_deepspeed, device=runtime.device,
+                        world_size=runtime.world_size)
     with runtime.latest_checkpoint() as ckpt_dir:
         start_step = engine.global_step if engine.load(ckpt_dir) else 0
     # What the checkpoint carries besides the engine: the metrics so far (results.json and plots stay whole).
@@ -98,11 +105,12 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
 
     tracker = _start_tracker(cfg, extras, is_main)
     if is_main:
+        print(format_plan(plan), flush=True)
         print(f"[orpo-ray] {trainable:,}/{total:,} trainable parameters{' (LoRA adapters)' if cfg.model.lora.enabled else ''}"
               f" | precision {precision} ({precision_reason}) "
               f"| {data_stats} | {total_steps} steps of {global_batch} pairs"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
-        tracker.log_params({"config": cfg.to_dict(), "data": data_stats, "precision": precision})
+        tracker.log_params({"config": cfg.to_dict(), "data": data_stats, "precision": precision, "plan": plan})
 
     # ---- the loop ------------------------------------------------------------------------------
     micro_iter = _micro_batches(runtime, start_micro=start_step * t.gradient_accumulation_steps)
@@ -195,6 +203,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         "data": data_stats,
         "precision": precision,
         "world_size": runtime.world_size,
+        "plan": plan,
         "parameters": {"trainable": trainable, "total": total},
         "hardware": hardware_summary(),
         "mlflow_run_id": tracker.run_id,
