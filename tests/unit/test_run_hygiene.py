@@ -123,3 +123,12 @@ def test_rng_state_round_trips_as_json(tmp_path):
     assert load_rng_state(str(tmp_path), rank=3) and not load_rng_state(str(tmp_path), rank=0)
     got = (random.random(), torch.rand(2))
     assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+
+
+def test_cli_refuses_a_second_local_run_on_a_locked_output_dir(tmp_path, capsys):
+    from orpo_ray.cli import main
+
+    with output_dir_lock(tmp_path):  # a live run (this process) holds the directory
+        assert main(["train", "configs/demo.yaml", "--local", f"output_dir={tmp_path}"]) == 2
+    assert "is in use by another run" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
