@@ -54,16 +54,24 @@ def main() -> None:
     local_s = time.perf_counter() - start
     tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
 
+    n = len(rows)
+    print(json.dumps({"pairs": n, "tokens": tokens, "in_process_1_thread_pairs_per_s": n / local_s,
+                      "loadavg": os.getloadavg()}), flush=True)
     with socket.socket() as s:
         s.bind(("", 0))
         os.environ["RAY_GCS_SERVER_PORT"] = str(s.getsockname()[1])
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # on a loaded machine the head node's start-up can time out (Ray waits 30 s)
+        try:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
     load_before = os.getloadavg()
     start = time.perf_counter()
     _, stats = tokenized_datasets(cfg)
     ray_s = time.perf_counter() - start
     ray.shutdown()
-    n = len(rows)
     print(json.dumps({
         "pairs": n, "tokens": tokens, "tokens_per_pair": tokens / n, "copies": args.copies, "vocab": args.vocab,
         "in_process_1_thread": {"seconds": local_s, "pairs_per_s": n / local_s},

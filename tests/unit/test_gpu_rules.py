@@ -50,7 +50,7 @@ def test_resolved_deepspeed_config_of_the_7b_cluster_run():
 
 
 @pytest.mark.parametrize("has_cuda, bf16_ok, requested, expected", [
-    (True, True, "auto", "bf16"), (True, False, "auto", "fp32"), (False, False, "auto", "fp32"),
+    (True, True, "auto", "bf16"), (True, False, "auto", "fp32"), (False, False, "auto", "bf16"),
     (True, True, "fp32", "fp32"), (True, False, "bf16", "bf16"),
 ])
 def test_precision_on_cuda(monkeypatch, has_cuda, bf16_ok, requested, expected):
@@ -58,7 +58,8 @@ def test_precision_on_cuda(monkeypatch, has_cuda, bf16_ok, requested, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
     precision, reason = select_precision(requested, "cuda")
     assert precision == expected
-    assert ("no native bf16" in reason) == (requested == "bf16" and not bf16_ok)
+    assert ("no native bf16" in reason) == (requested == "bf16" and has_cuda and not bf16_ok)
+    assert ("no GPU visible here" in reason) == (not has_cuda)  # planning a GPU run on a CPU machine
 
 
 def test_bf16_autocast_targets_the_workers_device():
