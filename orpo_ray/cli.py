@@ -7,6 +7,7 @@ Commands:
   bench        benchmark against TRL's ORPOTrainer
   evidence     SFT (λ = 0) vs ORPO on the same data: plots, table, MLflow parent + child runs
   data-report  what is in the data before you train on it
+  plan         the resolved run (workers, precision, fast path, data, memory per worker) without starting it
   config       print every config key with its default and meaning
 """
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train with ORPO")
     _add_config_args(train)
     train.add_argument("--local", action="store_true", help="run the loop in this process (1 worker, no Ray)")
+    plan = sub.add_parser("plan", help="show the resolved run and its memory estimate without starting it")
+    _add_config_args(plan)
+    plan.add_argument("--local", action="store_true", help="plan `train --local` (in-process, no DeepSpeed)")
     for name, help_text in (("tune", "sweep λ x learning rate with Ray Tune"), ("eval", "evaluate a model"),
                             ("bench", "benchmark against TRL"), ("data-report", "report on the data"),
                             ("evidence", "SFT vs ORPO evidence runs")):
@@ -71,14 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             if args.local:
-                from orpo_ray.train.loop import train_loop_per_worker
+                from orpo_ray.launch.local import run_local
 
-                results = train_loop_per_worker(cfg.to_dict())
+                results = run_local(cfg)
             else:
                 from orpo_ray.launch.trainer import run_training
 
                 results = run_training(cfg)
             _print_summary(results)
+        elif args.command == "plan":
+            from orpo_ray.commands.plan import run_plan
+
+            run_plan(cfg, local=args.local)
         elif args.command == "tune":
             from orpo_ray.launch.tune import run_sweep
 
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             from orpo_ray.commands.data_report import run_data_report
 
             run_data_report(cfg)
-    except ConfigError as e:  # e.g. re-running an output_dir with a different config
+    except ConfigError as e:  # e.g. re-running an output_dir with a different config, or one in use
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2
     return 0

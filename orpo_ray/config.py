@@ -234,7 +234,12 @@ class ScalingSection:
     cpus_per_worker: int = _f(1, "CPUs reserved per worker.")
     address: Optional[str] = _f(None, "Ray cluster address; null starts a local Ray instance.")
     max_failures: int = _f(1, "Worker-group restarts Ray Train may do (resuming from the last checkpoint).")
-    storage_path: Optional[str] = _f(None, "Shared storage for Ray Train checkpoints; null means output_dir/ray.")
+    memory_per_worker_gb: Optional[float] = _f(
+        None, "Memory one worker may use, for `orpo-ray plan`'s warning: null means the GPU's memory (use_gpu, when a "
+        "GPU is visible here) or this machine's RAM / num_workers.")
+    storage_path: Optional[str] = _f(
+        None, "Shared storage for Ray Train checkpoints: a local/mounted directory (made absolute) or a URI Ray Train "
+        "supports (s3://, gs://, file://, any pyarrow filesystem; passed as is); null means output_dir/ray.")
 
 
 @dataclass
@@ -308,7 +313,8 @@ class ExportSection:
 
 @dataclass
 class Config:
-    output_dir: str = _f("outputs/run", "Where results.json, the model and tracking files go.")
+    output_dir: str = _f("outputs/run", "Local (or mounted shared) directory for results.json, the model and "
+                         "tracking files; one run at a time (a lock file refuses a second writer).")
     # The choices are orpo_ray.objectives.OBJECTIVES (a unit test keeps them equal); each has its section below.
     objective: Literal["orpo", "simpo", "cpo"] = _f(
         "orpo", "Preference objective: orpo, simpo or cpo; only the section of that name is read (so "
@@ -358,6 +364,10 @@ class Config:
         if e.lm_head_chunk_size < 1 or (e.pack_length is not None and e.pack_length < 2 * d.max_length):
             raise ConfigError(f"{where}: efficiency.lm_head_chunk_size must be >= 1 and efficiency.pack_length "
                               f">= 2 * data.max_length ({2 * d.max_length}) so any pair fits one row")
+        if is_uri(self.output_dir):
+            raise ConfigError(f"{where}: output_dir must be a local (or mounted shared) directory, got {self.output_dir!r}: "
+                              "results.json, the model export and the run lock are written with local file APIs. "
+                              "Put checkpoints on cloud storage with scaling.storage_path (s3://, gs://, ...)")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{where}: deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
         self._validate_tune(where)
@@ -543,13 +553,18 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
     return rows
 
 
+def is_uri(path: str) -> bool:
+    """s3://..., gs://..., file://..., hf://...: a location some filesystem layer resolves, not a local path."""
+    return "://" in path
+
+
 def with_absolute_paths(cfg: Config) -> Config:
     """A copy whose local paths are absolute: Ray workers and Ray Data tasks run in other directories.
 
     Leaves 'tiny', URIs (``scheme://``) and null alone.
     """
     def absolute(path: str | None) -> str | None:
-        if path is None or path == "tiny" or "://" in path:
+        if path is None or path == "tiny" or is_uri(path):
             return path
         return str(Path(path).expanduser().resolve())
 

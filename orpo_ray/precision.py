@@ -77,7 +77,9 @@ def select_precision(requested: str, device: torch.device | str = "cpu") -> tupl
     if requested == "fp32":
         return "fp32", "requested"
     if device.type == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():  # `orpo-ray plan` of a GPU run on a machine without one
+            return "bf16", f"{requested}; no GPU visible here to check, bf16 assumed (every GPU since Ampere has it)"
+        ok = torch.cuda.is_bf16_supported()
         if requested == "bf16":
             return "bf16", "requested" if ok else "requested, but this GPU has no native bf16"
         return ("bf16", "GPU supports bf16") if ok else ("fp32", "GPU lacks bf16")

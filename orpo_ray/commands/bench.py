@@ -203,7 +203,7 @@ def run_trl_leg(spec: dict) -> dict:
         learning_rate=t.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=t.weight_decay,
         adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1], max_grad_norm=t.max_grad_norm,
         max_length=cfg.data.max_length, logging_steps=1, report_to="none", **objective_args,
-        save_strategy="no", use_cpu=True, bf16=spec["precision"] == "bf16", seed=t.seed,
+        save_strategy="no", use_cpu=not cfg.scaling.use_gpu, bf16=spec["precision"] == "bf16", seed=t.seed,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows),

@@ -9,16 +9,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from orpo_ray.config import Config
+from orpo_ray.config import Config, is_uri
 from orpo_ray.data.order import TrainingOrder
-from orpo_ray.launch.run_state import run_name, storage_path
+from orpo_ray.launch.run_state import checkpoint_staging_root, run_name, storage_path
+from orpo_ray.train.runtime import require_complete
 
 
 class RayRuntime:
@@ -38,6 +38,11 @@ class RayRuntime:
         else:
             self.device = torch.device("cpu")
         self.order = TrainingOrder.for_run(cfg.train, self.world_size)
+        # A rank killed between save and report (no `finally` runs) leaves its staging dirs behind: this rank's
+        # restart removes them before writing new ones, so failed attempts do not fill the disk.
+        self.staging_root = checkpoint_staging_root(cfg)
+        for stale in self.staging_root.glob(f"step*_rank{self.rank}"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def setup_data(self, cfg: Config, tokenizer) -> dict:
         import ray.train
@@ -75,17 +80,21 @@ class RayRuntime:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         reported_at = time.time()
-        ray.train.report(_finite(metrics), checkpoint=checkpoint)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-            if self.cfg.train.fail_at_step is not None:
-                self._wait_until_registered(reported_at)
+        try:
+            ray.train.report(_finite(metrics), checkpoint=checkpoint)
+        finally:  # persisted by report, or failed: the local copy is not needed either way
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if checkpoint_dir and self.cfg.train.fail_at_step is not None:
+            self._wait_until_registered(reported_at)
 
     def _wait_until_registered(self, reported_at: float, timeout: float = 60.0) -> None:
         """Fault-injection runs only: Ray Train's controller collects reports by polling the workers (every
         2 s); a worker killed before that loses the report, and the restart resumes from the checkpoint
         before. Waiting until the controller has rewritten its checkpoint snapshot makes the injected fault
         land after the checkpoint is registered, so the fault test is deterministic."""
+        if is_uri(storage_path(self.cfg)):  # the fault tests use local storage
+            return
         snapshot = Path(storage_path(self.cfg)) / run_name(self.cfg) / "checkpoint_manager_snapshot.json"
         deadline = time.time() + timeout
         while time.time() < deadline and not (snapshot.exists() and snapshot.stat().st_mtime >= reported_at):
@@ -100,10 +109,14 @@ class RayRuntime:
             yield None
             return
         with checkpoint.as_directory() as directory:
-            yield directory
+            yield require_complete(directory)
 
     def checkpoint_staging_dir(self, step: int) -> str:
-        return tempfile.mkdtemp(prefix=f"orpo_ckpt_step{step}_rank{self.rank}_")
+        """Empty local dir for this rank's part of the step's checkpoint; `report` removes it on every path."""
+        path = self.staging_root / f"step{step}_rank{self.rank}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return str(path)
 
 
 def _finite(metrics: dict) -> dict:

@@ -12,18 +12,29 @@ from orpo_ray.config import Config
 from orpo_ray.console import VERBOSE_ENV, verbose
 
 
-def worker_env(address: str | None = None) -> dict:
-    """Environment for Ray workers: DeepSpeed on CPU, a persistent cache for its JIT-built comm op, the bounded
+# Exported NCCL settings (interface, InfiniBand, debug level) reach the GPU workers: NCCL reads them in the
+# worker process, and a cluster whose pods need NCCL_SOCKET_IFNAME set would otherwise hang at the first all-reduce.
+NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_")
+
+
+def worker_env(address: str | None = None, use_gpu: bool = False) -> dict:
+    """Environment for Ray workers: DeepSpeed's accelerator, a persistent cache for its JIT-built ops, the bounded
     oneDNN primitive cache, and the cluster's address. Without RAY_ADDRESS, Ray's State API inside a worker scans
     the machine for clusters and fails when there are several ("Found multiple active Ray instances"); Ray Train's placement-group cleaner
     uses it to free the resources of a Train run whose controller died (a Tune trial ASHA stopped), so the
-    next trial would wait for CPUs forever."""
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    next trial would wait for CPUs forever.
+
+    DS_ACCELERATOR: with `scaling.use_gpu` it is "cuda" whatever the driver exported - a CPU head node's
+    DS_ACCELERATOR=cpu must not make DeepSpeed on the GPU workers pick its CPU accelerator (gloo, no NCCL).
+    On CPU it is "cpu" unless the user exported another value."""
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else os.environ.get("DS_ACCELERATOR", "cpu")}
     env[ONEDNN_CACHE_ENV] = os.environ[ONEDNN_CACHE_ENV]  # from process start (see orpo_ray/__init__.py)
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_ray_torch_extensions"))
     if verbose():  # --verbose on a cluster the driver did not start
         env[VERBOSE_ENV] = "1"
+    if use_gpu:
+        env.update({k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)})
     if address and address != "auto" and "://" not in address:
         env["RAY_ADDRESS"] = address
     return env
@@ -47,13 +58,14 @@ def ensure_ray(cfg: Config) -> None:
         return
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(address)}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu)}, log_to_driver=True)
     else:
         # A local instance: pick its GCS port here so the workers can be told the address (see worker_env).
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts a head node
         try:
-            ray.init(runtime_env={"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}")},
+            ray.init(runtime_env={"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}",
+                                                                cfg.scaling.use_gpu)},
                      num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)

@@ -23,6 +23,7 @@ from orpo_ray.config import Config, with_absolute_paths
 from orpo_ray.launch.ray_runtime import RayRuntime
 from orpo_ray.launch.run_state import (
     finished_results,
+    output_dir_lock,
     run_name,
     run_state_file,
     save_state,
@@ -65,7 +66,7 @@ def make_trainer(cfg: Config, datasets: dict, extras: dict, *, callbacks=None):
             storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": worker_env(use_gpu=s.use_gpu)},
             callbacks=callbacks,
         ),
         datasets=datasets,
@@ -83,12 +84,13 @@ def run_training(cfg: Config, callbacks=None) -> dict:
     from orpo_ray.data.ray_pipeline import tokenized_datasets
 
     cfg = with_absolute_paths(cfg)
-    finished = finished_results(cfg)
-    if finished is not None:
-        return finished
-    ensure_ray(cfg)
-    datasets, data_stats = tokenized_datasets(cfg)
-    return fit_run(cfg, datasets, {"data_stats": data_stats}, callbacks=callbacks)
+    with output_dir_lock(cfg.output_dir):  # one writer per output_dir
+        finished = finished_results(cfg)
+        if finished is not None:
+            return finished
+        ensure_ray(cfg)
+        datasets, data_stats = tokenized_datasets(cfg)
+        return fit_run(cfg, datasets, {"data_stats": data_stats}, callbacks=callbacks)
 
 
 def fit_run(cfg: Config, datasets: dict, extras: dict, *, callbacks=None) -> dict:

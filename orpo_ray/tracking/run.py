@@ -45,12 +45,15 @@ class RunTracker:
     def run_id(self) -> str | None:
         return self.tracker.run_id
 
-    def log_start(self, cfg: Any, data_stats: Mapping[str, Any], precision: str) -> None:
+    def log_start(self, cfg: Any, data_stats: Mapping[str, Any], precision: str,
+                  plan: Mapping[str, Any] | None = None) -> None:
         """Config as flattened params (`orpo.beta`, `train.learning_rate`: the same keys in every run, so
-        MLflow's compare view lines runs up), and the train/eval data as dataset inputs."""
+        MLflow's compare view lines runs up), the resolved plan (`plan.*`), and the train/eval data as dataset
+        inputs."""
         if not self.tracker.enabled:
             return
-        self.tracker.log_params({**cfg.to_dict(), "data": data_stats, "precision": precision})
+        self.tracker.log_params({**cfg.to_dict(), "data": data_stats, "precision": precision,
+                                 **({"plan": plan} if plan else {})})
         for dataset in dataset_inputs(cfg, data_stats):
             self.tracker.log_dataset(dataset)
 

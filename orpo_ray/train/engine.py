@@ -30,6 +30,7 @@ Usage (inside a Ray Train worker or a single process)::
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import random
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 _TORCH_STATE_FILE = "engine_state.pt"
-_RNG_FILE_FMT = "rng_state_rank{rank}.pt"
+_RNG_FILE_FMT = "rng_state_rank{rank}.json"  # JSON, not pickle: see _rng_state
 _DS_TAG_FMT = "global_step{step}"
 
 
@@ -109,27 +110,55 @@ def lr_lambda_factory(
 
 
 def _rng_state() -> Dict[str, Any]:
-    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG's state as JSON-able lists: resume reads it back with json, never with pickle (a checkpoint
+    store anyone can write to must not be able to run code in the next resume)."""
+    version, internal, gauss = random.getstate()
+    st: Dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
     try:
         import numpy as np
 
-        st["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        st["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return st
 
 
 def _set_rng_state(st: Dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    torch.set_rng_state(st["torch"])
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
     if "numpy" in st:
         import numpy as np
 
-        np.random.set_state(st["numpy"])
+        name, keys, pos, has_gauss, cached = st["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in st and torch.cuda.is_available():  # pragma: no cover
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
+def save_rng_state(directory: str, rank: int) -> None:
+    with open(os.path.join(directory, _RNG_FILE_FMT.format(rank=rank)), "w") as f:
+        json.dump(_rng_state(), f)
+
+
+def load_rng_state(directory: str, rank: int) -> bool:
+    """Restore this rank's RNG state from a checkpoint directory (False when it has none)."""
+    path = os.path.join(directory, _RNG_FILE_FMT.format(rank=rank))
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        _set_rng_state(json.load(f))
+    return True
+
+
+def ds_accelerator_for(device: torch.device | str) -> str:
+    """DeepSpeed's accelerator for a model on `device` (its names are torch's device types: cuda, cpu, xpu, ...):
+    it must match where the tensors are, whatever a parent process exported (a CPU head node's
+    DS_ACCELERATOR=cpu leaking into a GPU worker would pick DeepSpeed's CPU accelerator: gloo, CPU ops)."""
+    return torch.device(device).type
 
 
 def _world_rank() -> int:
@@ -323,12 +352,13 @@ class TorchEngine(Engine):
         tmp = os.path.join(directory, _TORCH_STATE_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(directory, _TORCH_STATE_FILE))
-        torch.save(_rng_state(), os.path.join(directory, _RNG_FILE_FMT.format(rank=0)))
+        save_rng_state(directory, rank=0)
 
     def load(self, directory: Optional[str]) -> bool:
         if not directory or not os.path.isfile(os.path.join(directory, _TORCH_STATE_FILE)):
             return False
-        state = torch.load(os.path.join(directory, _TORCH_STATE_FILE), map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only; a tampered file cannot run code on resume.
+        state = torch.load(os.path.join(directory, _TORCH_STATE_FILE), map_location="cpu", weights_only=True)
         missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
         if unexpected or set(missing) - self._frozen:  # only frozen weights may be absent (see frozen_parameter_names)
             raise RuntimeError(f"checkpoint {directory} does not fit the model: missing "
@@ -338,9 +368,7 @@ class TorchEngine(Engine):
         self._global_step = int(state["global_step"])
         self._micro = int(state["micro_step"])
         self.client_state = state.get("client_state", {})
-        rng = os.path.join(directory, _RNG_FILE_FMT.format(rank=0))
-        if os.path.isfile(rng):
-            _set_rng_state(torch.load(rng, weights_only=False))
+        load_rng_state(directory, rank=0)
         return True
 
 
@@ -357,9 +385,8 @@ class DeepSpeedEngine(Engine):
         lr_lambda: Callable[[int], float],
         weight_decay: float,
     ):
-        if not torch.cuda.is_available():
-            # Must happen before the first `import deepspeed` (accelerator is chosen on import/first use).
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Must happen before the first `import deepspeed` (the accelerator is chosen on import/first use).
+        os.environ["DS_ACCELERATOR"] = ds_accelerator_for(next(model.parameters()).device)
         import torch.distributed as dist
 
         self._owned_pg = False
@@ -423,7 +450,7 @@ class DeepSpeedEngine(Engine):
             client_state={"client_state": dict(client_state or {}), "micro_step": int(self.engine.micro_steps)},
             exclude_frozen_parameters=self._has_frozen,  # see frozen_parameter_names
         )
-        torch.save(_rng_state(), os.path.join(directory, _RNG_FILE_FMT.format(rank=_world_rank())))
+        save_rng_state(directory, rank=_world_rank())
 
     def load(self, directory: Optional[str]) -> bool:
         if not directory or not os.path.isfile(os.path.join(directory, "latest")):
@@ -436,9 +463,7 @@ class DeepSpeedEngine(Engine):
         self.client_state = client.get("client_state", {})
         if "micro_step" in client:
             self.engine.micro_steps = int(client["micro_step"])
-        rng = os.path.join(directory, _RNG_FILE_FMT.format(rank=_world_rank()))
-        if os.path.isfile(rng):
-            _set_rng_state(torch.load(rng, weights_only=False))
+        load_rng_state(directory, rank=_world_rank())
         return True
 
     def close(self) -> None:
@@ -531,3 +556,37 @@ def deepspeed_section(d) -> dict:
     if d.offload_param:
         zero["offload_param"] = {"device": "cpu"}
     return {"zero_optimization": zero}
+
+
+def estimate_model_states_bytes(trainable: int, frozen: int, *, zero_stage: int, world_size: int, use_deepspeed: bool,
+                                offload_optimizer: bool = False, offload_param: bool = False,
+                                largest_layer_params: int = 0, weight_bytes: int = 4) -> dict:
+    """Per-worker bytes of parameters + gradients + optimizer state, as DeepSpeed itself estimates them.
+
+    DeepSpeed: its own `estimate_zero2_model_states_mem_needs` (stages 0-2; stage 0 is stage 2 on one rank, i.e. no
+    partitioning) or `estimate_zero3_model_states_mem_needs`, for the trainable parameters (they assume 16-bit
+    weights with fp32 master copies and Adam moments), plus the frozen weights (LoRA's base) at `weight_bytes`.
+    The plain torch engine keeps no master copy: weights and gradients at `weight_bytes`, two fp32 AdamW moments.
+    Returns {"device": bytes, "host": bytes (CPU offload / DeepSpeed's buffers), "how": which formula}.
+    """
+    if not use_deepspeed:
+        device = (trainable + frozen) * weight_bytes + trainable * (weight_bytes + 8)
+        return {"device": device, "host": 0, "how": "torch AdamW: weights + grads at the weight dtype, 2 fp32 moments"}
+    if zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        host, device, _ = estimate_zero3_model_states_mem_needs(
+            trainable, largest_layer_params, num_gpus_per_node=world_size, num_nodes=1,
+            cpu_offload=offload_optimizer, cpu_offload_params=offload_param, zero_init=False)
+        how = "deepspeed estimate_zero3_model_states_mem_needs"
+    else:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        # Stage 0/1 keep full gradients (and stage 0 full optimizer state) on every rank: DeepSpeed's
+        # stage-2 estimate on one rank is the unpartitioned figure; stage 1 partitions only the optimizer
+        # state, so the stage-2 figure is a lower bound there.
+        ranks = world_size if zero_stage == 2 else 1
+        host, device = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=ranks, num_nodes=1,
+                                                             cpu_offload=offload_optimizer)
+        how = f"deepspeed estimate_zero2_model_states_mem_needs over {ranks} rank(s)"
+    return {"device": int(device + frozen * weight_bytes), "host": int(host), "how": how}

@@ -29,12 +29,13 @@ from orpo_ray.modeling import (
     parameter_counts,
 )
 from orpo_ray.objectives import build_objective, step_nll_weights
+from orpo_ray.plan import format_plan, model_shape, resolve_plan
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
 from orpo_ray.results import write_results
 from orpo_ray.train.engine import create_engine, deepspeed_section
 from orpo_ray.train.evaluation import evaluate, no_eval_reason, reduce_metrics, to_device
 from orpo_ray.train.metrics import MetricAverager
-from orpo_ray.train.runtime import LocalRuntime, WorkerRuntime
+from orpo_ray.train.runtime import COMPLETE_MARKER, LocalRuntime, WorkerRuntime
 
 RUN_EXTRAS_KEY = "_run"  # non-Config entries of the loop's config dict (e.g. MLflow parent run id)
 
@@ -76,9 +77,10 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     total_steps = t.total_steps(per_epoch)
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * runtime.world_size
 
+    use_deepspeed = cfg.deepspeed.enabled and runtime.supports_deepspeed
     engine = create_engine(
         model,
-        use_deepspeed=cfg.deepspeed.enabled and runtime.supports_deepspeed,
+        use_deepspeed=use_deepspeed,
         lr=t.learning_rate,
         total_steps=total_steps,
         # A short run (e.g. `train.max_steps=4` on the demo) keeps its warm-up within the run.
@@ -92,8 +94,16 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         betas=tuple(t.adam_betas),
         ds_section=deepspeed_section(cfg.deepspeed),
     )
+    # The resolved run, as `orpo-ray plan` shows it: heads the log, goes to results.json and MLflow params
+    # (after the engine: DeepSpeed's estimators import deepspeed, whose accelerator the engine sets first).
+    plan = resolve_plan(cfg, shape=model_shape(model, cfg.model.attn_implementation, runtime.device),
+                        trainable=trainable, total=total, use_deepspeed=use_deepspeed, device=runtime.device,
+                        world_size=runtime.world_size)
     with runtime.latest_checkpoint() as ckpt_dir:
         start_step = engine.global_step if engine.load(ckpt_dir) else 0
+    # What the checkpoint carries besides the engine: the metrics so far (results.json and plots stay whole).
+    train_metrics: dict = dict(engine.client_state.get("train_metrics", {}))
+    history: list[dict] = list(engine.client_state.get("history", []))  # one row per log/eval
 
     # An empty eval set (eval_fraction=0, max_eval_pairs=0, an eval file all quarantined, a small split) means no
     # evaluation, said once - never a crash at the first evaluation, which would lose the trained model.
@@ -102,18 +112,17 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     if is_main and eval_skipped:
         print(f"[orpo-ray] warning: {eval_skipped}", flush=True)
     if is_main:
+        print(format_plan(plan), flush=True)
         print(f"[orpo-ray] {trainable:,}/{total:,} trainable parameters{' (LoRA adapters)' if cfg.model.lora.enabled else ''}"
               f" | precision {precision} ({precision_reason}) "
               f"| {objective} | {data_stats} | {total_steps} steps of {global_batch} pairs"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
-        tracker.log_start(cfg, data_stats, precision)
+        tracker.log_start(cfg, data_stats, precision, plan)
 
     # ---- the loop ------------------------------------------------------------------------------
     micro_iter = _micro_batches(runtime, start_micro=start_step * t.gradient_accumulation_steps)
     pad_id = tokenizer.pad_token_id
     window = MetricAverager()          # train metrics since the last log
-    history: list[dict] = []           # one row per log/eval, for plots and results.json
-    train_metrics: dict = {}
     eval_metrics: dict = {}
     timed_steps, timed_seconds = 0, 0.0  # optimisation loop only: first step (warm-up) and eval excluded
     timed_tokens = step_tokens = 0      # non-pad tokens (prompt counted in both sequences of a pair, as TRL feeds them)
@@ -159,30 +168,32 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
                 bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",  # refresh=False: mininterval decides
                                 pairs_s=f"{timed_steps * global_batch / timed_seconds:.1f}", refresh=False)
 
-        evaluated = (t.eval_interval and done % t.eval_interval == 0) or done == total_steps
-        if evaluated and not eval_skipped:
-            eval_metrics = evaluate(engine.model, runtime, cfg, precision, pad_id)
-        if evaluated and eval_metrics:
-            history.append({"step": done, **eval_metrics})
-            tracker.log_metrics(eval_metrics, step=done)
-            if is_main:
+        if t.checkpoint_interval and (done % t.checkpoint_interval == 0 or done == total_steps):
+            # The final step too, before the final evaluation and export: a failure there resumes from here
+            # instead of losing everything since the last interval. Reported at once (a report is a barrier and
+            # registers the checkpoint), apart from the evaluation's report below. Only checkpoints and
+            # evaluations go to Ray: a report blocks until Ray Train's controller has taken the previous one,
+            # and it polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reporting every log step
+            # capped training at one step per ~1.5 s here. Per-step metrics reach MLflow, history.json and the
+            # progress bar directly.
+            checkpoint_dir = runtime.checkpoint_staging_dir(done)
+            engine.save(checkpoint_dir, client_state={"train_metrics": train_metrics, "history": history})
+            (Path(checkpoint_dir) / COMPLETE_MARKER).touch()
+            runtime.report({"step": done, **train_metrics}, checkpoint_dir)
+
+        if not eval_skipped and ((t.eval_interval and done % t.eval_interval == 0) or done == total_steps):
+            # Eval metrics only in the report of the step that computed them: a Tune scheduler (ASHA) then sees
+            # one result per evaluation, never a stale one.
+            eval_metrics = _evaluate_and_report(engine, runtime, cfg, precision, pad_id, done, train_metrics,
+                                                history, tracker)
+            if is_main and eval_metrics:
                 bar.write(f"step {done}: eval_loss {eval_metrics['eval_loss']:.4f} "
                           f"eval_rewards/accuracies {eval_metrics['eval_rewards/accuracies']:.3f}")
-
-        checkpoint_dir = None
-        if t.checkpoint_interval and done % t.checkpoint_interval == 0 and done < total_steps:
-            checkpoint_dir = runtime.checkpoint_staging_dir(done)
-            engine.save(checkpoint_dir)
-            (Path(checkpoint_dir) / "COMPLETE").touch()
-        if checkpoint_dir or evaluated:
-            # Only checkpoints and evaluations go to Ray: a report blocks until Ray Train's controller has taken
-            # the previous one, and it polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reporting
-            # every log step capped training at one step per ~1.5 s here. Per-step metrics reach MLflow,
-            # history.json and the progress bar directly. Eval metrics only in the report of the step that
-            # computed them: a Tune scheduler (ASHA) then sees one result per evaluation, never a stale one.
-            runtime.report({"step": done, **train_metrics, **(eval_metrics if evaluated else {})}, checkpoint_dir)
         bar.update(1)
     bar.close()
+    if start_step >= total_steps and not eval_skipped:  # resumed from the final checkpoint: its evaluation (or the export) failed
+        eval_metrics = _evaluate_and_report(engine, runtime, cfg, precision, pad_id, total_steps, train_metrics,
+                                            history, tracker)
 
     # ---- results and export (rank 0) ------------------------------------------------------------
     all_tokens = float(runtime.all_reduce_sum(torch.tensor([float(timed_tokens)]))[0])
@@ -201,6 +212,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         "data": data_stats,
         "precision": precision,
         "world_size": runtime.world_size,
+        "plan": plan,
         "parameters": {"trainable": trainable, "total": total},
         "hardware": hardware_summary(),
         "mlflow_run_id": tracker.run_id,
@@ -221,6 +233,16 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         write_results(out / "results.json", results)
         tracker.finish(cfg, history, out, engine.module, tokenizer)
     return results
+
+
+def _evaluate_and_report(engine, runtime, cfg: Config, precision: str, pad_id: int, step: int, train_metrics: dict,
+                         history: list, tracker) -> dict:
+    eval_metrics = evaluate(engine.model, runtime, cfg, precision, pad_id)
+    if eval_metrics:  # empty when no rank had an eval batch (train.eval_max_batches=0)
+        history.append({"step": step, **eval_metrics})
+        tracker.log_metrics(eval_metrics, step=step)
+    runtime.report({"step": step, **train_metrics, **eval_metrics})
+    return eval_metrics
 
 
 def _micro_batches(runtime: WorkerRuntime, start_micro: int):

@@ -55,6 +55,16 @@ class WorkerRuntime(Protocol):
 
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+COMPLETE_MARKER = "COMPLETE"  # written into a checkpoint dir after every file of it is: a dir without it is partial
+
+
+def require_complete(directory: str) -> str:
+    """A checkpoint Ray Train hands back must carry the marker; resuming from a partial one would load a model
+    and optimizer that do not belong together."""
+    if not (Path(directory) / COMPLETE_MARKER).exists():
+        raise RuntimeError(f"checkpoint {directory} has no {COMPLETE_MARKER} marker (its save did not finish); "
+                           "refusing to resume from it")
+    return directory
 
 
 class LocalRuntime:
@@ -105,7 +115,11 @@ class LocalRuntime:
         yield latest_step_dir(self.checkpoint_root)
 
     def checkpoint_staging_dir(self, step: int) -> str:
-        return str(self.checkpoint_root / f"step_{step}")
+        # The step dir IS the checkpoint here (no copy to other storage); a partial one from a killed attempt at
+        # the same step is cleared first so no stale file mixes into the new one.
+        path = self.checkpoint_root / f"step_{step}"
+        shutil.rmtree(path, ignore_errors=True)
+        return str(path)
 
 
 def latest_step_dir(root: Path) -> str | None:
@@ -113,11 +127,15 @@ def latest_step_dir(root: Path) -> str | None:
     if not root.is_dir():
         return None
     done = [(int(m.group(1)), p) for p in root.iterdir()
-            if (m := _STEP_DIR.match(p.name)) and (p / "COMPLETE").exists()]
+            if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE_MARKER).exists()]
     return str(max(done)[1]) if done else None
 
 
 def _prune_checkpoints(root: Path, keep: int) -> None:
-    done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-    for _, path in done[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    """Keep the newest `keep` complete checkpoints; partial ones (no marker: a save that died) go too, so a
+    leftover partial dir with a high step can never push a complete one out."""
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    complete = [p for _, p in steps if (p / COMPLETE_MARKER).exists()]
+    for _, path in steps:
+        if path not in complete[-keep:]:
+            shutil.rmtree(path, ignore_errors=True)

@@ -149,7 +149,7 @@ def test_zero2_two_workers_match_one_worker_and_resume(ray_local, tmp_path):
     for root, _, fs in os.walk(res.checkpoint.path):
         files |= set(fs)
     assert {"latest", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_state_rank0.pt", "rng_state_rank1.pt"} <= files, files
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_state_rank0.json", "rng_state_rank1.json"} <= files, files
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(ray_local, tmp_path):

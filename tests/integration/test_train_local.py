@@ -63,10 +63,11 @@ def test_resume_keeps_the_loss_trajectory(tmp_path, extra):
     results, resumed = run(tmp_path, "resumed", "train.max_steps=6", "train.checkpoint_interval=3", *extra)
     assert results["resumed_from_step"] == 3
     if extra:
-        saved = torch.load(tmp_path / "resumed" / "checkpoints" / "step_3" / "engine_state.pt", weights_only=False)
+        saved = torch.load(tmp_path / "resumed" / "checkpoints" / "step_3" / "engine_state.pt", weights_only=True)
         assert saved["model"] and all("lora_" in k for k in saved["model"])
-    # history.json of the resumed attempt holds steps 4..6; they must equal the uninterrupted run's.
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted[3:]), rtol=1e-6, atol=1e-7)
+    # history.json of the resumed attempt holds steps 1..3 (carried by the checkpoint) and 4..6; all equal the
+    # uninterrupted run's.
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted), rtol=1e-6, atol=1e-7)
 
 
 def test_prompt_filling_max_length_never_gives_nan(tmp_path):
@@ -104,3 +105,27 @@ def test_gradient_accumulation_trains_like_the_whole_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(accum_losses), torch.tensor(whole_losses), rtol=1e-5, atol=1e-7)
     for key in ("eval_loss", "eval_nll_loss", "eval_logps/chosen", "eval_rewards/accuracies"):
         assert accum["eval"][key] == pytest.approx(whole["eval"][key], rel=1e-5), key
+
+
+def test_final_step_is_checkpointed_and_a_failed_final_evaluation_resumes_there(tmp_path, monkeypatch):
+    """The last step is checkpointed before the final evaluation and export; when those fail, re-running evaluates
+    and exports from that checkpoint without training again. A step dir left half-written (no COMPLETE marker)
+    with a higher step is never resumed from."""
+    import orpo_ray.train.loop as loop
+
+    overrides = ["train.max_steps=4", "train.checkpoint_interval=3"]
+    real_evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("eval died")))
+    with pytest.raises(RuntimeError, match="eval died"):
+        run(tmp_path, "final", *overrides)
+    checkpoints = tmp_path / "final" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_3", "step_4"]
+    assert (checkpoints / "step_4" / "COMPLETE").exists() and not (tmp_path / "final" / "results.json").exists()
+    partial = checkpoints / "step_9"  # a save that died half-way, at a later step
+    partial.mkdir()
+    (partial / "engine_state.pt").write_text("not a checkpoint")
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    results, losses = run(tmp_path, "final", *overrides)
+    assert results["resumed_from_step"] == 4 and results["num_steps"] == 4
+    assert len(losses) == 4 and math.isfinite(results["eval"]["eval_loss"])  # history came back with the checkpoint
+    assert (tmp_path / "final" / "model" / "model.safetensors").exists()

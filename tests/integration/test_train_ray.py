@@ -105,17 +105,22 @@ def test_local_run_follows_the_one_worker_ray_trajectory(runs, tmp_path):
 def test_reports_checkpoints_and_export(runs):
     reports = read_reports(runs["base"] / "two_reports.jsonl")
     # Ray gets checkpoints and evaluations only (eval_interval=0: the final one), from both ranks; per-step
-    # metrics go to history.json (log_interval=1, checked above).
-    assert [r["steps"] for r in reports] == [[2, 2], [4, 4], [6, 6]]
+    # metrics go to history.json (log_interval=1, checked above). The final step is checkpointed (reported on its
+    # own) before the final evaluation and the export.
+    assert [r["steps"] for r in reports] == [[2, 2], [4, 4], [6, 6], [6, 6]]
     assert all(r["losses"][0] == r["losses"][1] for r in reports)  # all-reduced: rank 0's metrics = everyone's
-    assert [r["steps"][0] for r in reports if r["checkpoint"]] == [2, 4]  # checkpoint_interval=2, final = export
+    assert [r["steps"][0] for r in reports if r["checkpoint"]] == [2, 4, 6]  # checkpoint_interval=2 + the final step
     latest = Path([r["checkpoint"] for r in reports if r["checkpoint"]][-1])
     names = {p.name for p in latest.rglob("*")}
     # Every rank handed over its ZeRO-2 optimizer shard into the one checkpoint directory.
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "mp_rank_00_model_states.pt", "rng_state_rank0.pt", "rng_state_rank1.pt"} <= names
+            "mp_rank_00_model_states.pt", "rng_state_rank0.json", "rng_state_rank1.json", "COMPLETE"} <= names
     assert (runs["base"] / "two" / "model" / "model.safetensors").exists()
     assert runs["two"]["resumed_from_step"] == 0 and runs["two"]["num_steps"] == 6
+    # Staging dirs live next to the checkpoints (not in /tmp) and are gone once reported.
+    staging = list((runs["base"] / "two" / "ray").glob("*/.checkpoint_staging"))
+    assert len(staging) == 1 and list(staging[0].iterdir()) == []
+    assert runs["two"]["plan"]["engine"] == "DeepSpeed ZeRO-2" and runs["two"]["plan"]["workers"] == 2
 
 
 def test_killed_worker_restarts_and_matches_the_uninterrupted_run(runs):
@@ -126,11 +131,12 @@ def test_killed_worker_restarts_and_matches_the_uninterrupted_run(runs):
     marker = out / ".fault_injected_step_3"
     assert marker.exists() and results["resumed_from_step"] == 2
     resumed, clean = losses(out), losses(runs["base"] / "two")
-    assert sorted(resumed) == [3, 4, 5, 6]  # history.json of the attempt that finished
-    torch.testing.assert_close(torch.tensor([resumed[s] for s in range(3, 7)]),
-                               torch.tensor([clean[s] for s in range(3, 7)]), rtol=1e-6, atol=1e-7)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # steps 1-2 from the checkpoint, 3-6 from the restart
+    torch.testing.assert_close(torch.tensor([resumed[s] for s in range(1, 7)]),
+                               torch.tensor([clean[s] for s in range(1, 7)]), rtol=1e-6, atol=1e-7)
     reports = read_reports(record)
-    assert [r["steps"][0] for r in reports] == [2, 4, 6]  # checkpoint 2, death at 3, restart: checkpoint 4, end
+    # checkpoint 2, death at 3, restart: checkpoint 4, final checkpoint 6, final evaluation
+    assert [r["steps"][0] for r in reports] == [2, 4, 6, 6]
     first_after = next(r["time"] for r in reports if r["steps"][0] == 4)
     print(f"\nresume: {first_after - marker.stat().st_mtime:.1f} s from the kill to the first checkpoint (step 4) "
           f"reported by the restarted worker group")
@@ -148,8 +154,8 @@ def test_rerun_resumes_and_a_finished_run_is_not_retrained(runs, capsys):
     results = train(out, runs["cache"], *command, record=record)
     assert results["resumed_from_step"] == 2
     reports = read_reports(record)
-    # attempt 1: checkpoint at 2, death at 3; attempt 2: checkpoint at 4, final evaluation at 6.
-    assert [(r["steps"][0], bool(r["checkpoint"])) for r in reports] == [(2, True), (4, True), (6, False)]
+    # attempt 1: checkpoint at 2, death at 3; attempt 2: checkpoint at 4, final checkpoint + evaluation at 6.
+    assert [(r["steps"][0], bool(r["checkpoint"])) for r in reports] == [(2, True), (4, True), (6, True), (6, False)]
     one, history = losses(runs["base"] / "one"), losses(out)
     assert sorted(history) == [3, 6]
     assert history[3] == pytest.approx(one[3], rel=1e-5)  # the resumed window holds step 3 only
@@ -159,6 +165,19 @@ def test_rerun_resumes_and_a_finished_run_is_not_retrained(runs, capsys):
     again = train(out, runs["cache"], *command, record=record)
     assert time.perf_counter() - start < 10 and again == json.loads((out / "results.json").read_text())
     assert "already holds this finished run" in capsys.readouterr().out
-    assert len(read_reports(record)) == 3  # nothing was trained
+    assert len(read_reports(record)) == 4  # nothing was trained
     with pytest.raises(ConfigError, match="orpo.beta"):
         train(out, runs["cache"], *command, "orpo.beta=0.5")
+
+
+def test_checkpoints_go_to_a_pyarrow_storage_uri(runs):
+    """scaling.storage_path as a URI (file:// here; s3:// and gs:// take the same path through pyarrow) reaches Ray
+    Train untouched: checkpoints and the run state land under it, the staging dir stays local (output_dir)."""
+    out, store = runs["base"] / "uri", runs["base"] / "uri_store"
+    results = train(out, runs["cache"], "scaling.num_workers=1", "train.per_device_batch_size=8",
+                    "train.checkpoint_interval=3", f"scaling.storage_path=file://{store}")
+    (run_dir,) = [p for p in store.iterdir() if p.is_dir()]
+    assert (run_dir / "orpo_run.json").exists() and json.loads((run_dir / "orpo_run.json").read_text())["completed"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*"))  # Ray Train persisted checkpoints there
+    assert list((out / ".checkpoint_staging").iterdir()) == [] and not (out / "ray").exists()
+    assert results["num_steps"] == 6 and (out / "model" / "model.safetensors").exists()

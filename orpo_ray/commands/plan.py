@@ -1,0 +1,36 @@
+"""`orpo-ray plan CONFIG`: the resolved run without starting it (orpo_ray/plan.py), from a model built on the meta
+device (no weights loaded, nothing allocated), so a 7B config can be planned on a laptop that has its config.json."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from orpo_ray.config import Config
+from orpo_ray.modeling import apply_lora, build_tiny_model, load_tokenizer, parameter_counts
+from orpo_ray.plan import format_plan, model_shape, resolve_plan
+
+
+def meta_model(cfg: Config) -> torch.nn.Module:
+    with torch.device("meta"):
+        if cfg.model.name_or_path == "tiny":
+            model = build_tiny_model(cfg.model, load_tokenizer(cfg.model))
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(cfg.model.name_or_path, local_files_only=True, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config)
+        return apply_lora(model, cfg.model.lora) if cfg.model.lora.enabled else model
+
+
+def run_plan(cfg: Config, *, local: bool = False) -> dict:
+    """`local`: the plan of `train --local` (one process, plain torch engine) instead of the Ray run."""
+    model = meta_model(cfg)
+    trainable, total = parameter_counts(model)
+    device = "cuda" if cfg.scaling.use_gpu else "cpu"
+    plan = resolve_plan(cfg, shape=model_shape(model, cfg.model.attn_implementation, device), trainable=trainable,
+                        total=total, use_deepspeed=cfg.deepspeed.enabled and not local, device=device)
+    print(format_plan(plan))
+    print(json.dumps(plan, indent=1))
+    return plan

@@ -1,0 +1,26 @@
+"""scripts/gpu_check.sh runs end to end in its CPU dry-run mode and prints one JSON summary (format: README)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_dry_run_on_cpu_prints_one_json_summary():
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--skip-unit-tests", "--steps", "3", "--batch", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["device"] == "cpu" and summary["passed"] is True
+    assert summary["checks"]["bf16_logps_dtype"] == "torch.float32"
+    assert summary["checks"]["fast_vs_plain_loss_abs_diff_fp32"] < 1e-4
+    assert summary["skipped"] == {"unit_tests": "--skip-unit-tests"} or "trl" in summary["skipped"]
+    for name in ("orpo-plain", "orpo-fast"):
+        leg = summary["legs"][name]
+        assert leg["pairs_per_second"] > 0 and leg["tokens_per_second"] > 0 and leg["model_tflops"] > 0
+        assert leg["mfu"] is None and leg["peak_gpu_mem_gb"] is None  # no GPU: no peak to divide by
+    assert summary["parameters"] > 0 and summary["steps"] == 3

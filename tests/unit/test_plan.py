@@ -1,0 +1,59 @@
+"""`orpo-ray plan`: the resolved run and its per-worker memory estimate (DeepSpeed's estimators + activations)."""
+
+import json
+
+import pytest
+
+from orpo_ray.commands.plan import meta_model, run_plan
+from orpo_ray.config import load_config
+from orpo_ray.plan import GB, activation_bytes, resolve_plan
+
+SHAPE = {"hidden": 8, "kv_hidden": 4, "intermediate": 16, "layers": 2, "heads": 2, "vocab": 10,
+         "largest_layer_params": 80, "dense_scores": False}
+
+
+def test_activation_bytes_by_hand():
+    cfg = load_config(None, ["train.per_device_batch_size=3", "data.max_length=5", "data.max_prompt_length=2"])
+    # 2 x 3 rows x 5 tokens = 30 tokens; per token and layer 4 B x (10*8 + 4*4 + 4*16) = 640 B; 2 layers.
+    # Full lm-head: fp32 logits + log-softmax copy = 2 x 4 B x 30 x 10.
+    assert activation_bytes(cfg, SHAPE, "fp32") == {"layers": 30 * 2 * 640, "lm_head": 2 * 4 * 30 * 10, "tokens": 30}
+    bf16 = activation_bytes(cfg, {**SHAPE, "dense_scores": True}, "bf16")
+    assert bf16["layers"] == 30 * 2 * (320 + 2 * 2 * 5)  # + heads x T scores at 2 B
+    chunked = load_config(None, ["train.per_device_batch_size=3", "data.max_length=5", "data.max_prompt_length=2",
+                                 "efficiency.chunked_lm_head=true", "efficiency.lm_head_chunk_size=4"])
+    assert activation_bytes(chunked, SHAPE, "fp32")["lm_head"] == 4 * 4 * 10
+
+
+def test_model_states_come_from_deepspeeds_estimator():
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cfg = load_config(None, ["scaling.num_workers=8", "deepspeed.zero_stage=2"])
+    plan = resolve_plan(cfg, shape=SHAPE, trainable=10**9, total=10**9, use_deepspeed=True, device="cpu")
+    _, gpu = estimate_zero2_model_states_mem_needs(10**9, num_gpus_per_node=8, cpu_offload=False)
+    assert plan["memory_gb"]["model_states"] == round(gpu / GB, 3)
+    assert plan["engine"] == "DeepSpeed ZeRO-2" and plan["backend"] == "gloo" and plan["workers"] == 8
+
+
+def test_plan_warns_when_the_estimate_exceeds_the_workers_memory():
+    cfg = load_config(None, ["scaling.memory_per_worker_gb=0.001"])
+    plan = resolve_plan(cfg, shape=SHAPE, trainable=10**6, total=10**6, use_deepspeed=False, device="cpu")
+    assert plan["memory_gb"]["estimate"] > 0.001 and "exceeds the worker's" in plan["warnings"][0]
+    roomy = resolve_plan(load_config(None, ["scaling.memory_per_worker_gb=100"]), shape=SHAPE, trainable=10**6,
+                         total=10**6, use_deepspeed=False, device="cpu")
+    assert roomy["warnings"] == []
+
+
+def test_plan_of_a_model_directory_counts_parameters_without_loading_weights(tmp_path, capsys):
+    from transformers import MistralConfig
+
+    MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100).save_pretrained(tmp_path)  # config.json only, no weights
+    cfg = load_config(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tmp_path}", "scaling.use_gpu=true",
+                             "scaling.memory_per_worker_gb=80"])
+    model = meta_model(cfg)
+    assert next(model.parameters()).is_meta
+    plan = run_plan(cfg)
+    # embed 100x64 + lm_head 64x100 + norm 64 + 2 layers x (q 64x64, k,v 64x32, o 64x64, mlp 3x64x128, 2 norms x 64)
+    assert plan["parameters"]["total"] == 2 * 6400 + 64 + 2 * (2 * 4096 + 2 * 2048 + 3 * 8192 + 128)
+    assert plan["backend"] == "nccl" and plan["resources_per_worker"] == {"CPU": 1, "GPU": 1}
+    assert "[orpo-ray] plan: memory per worker" in capsys.readouterr().out

@@ -1,0 +1,134 @@
+"""Storage URIs, checkpoint hygiene and one writer per output_dir (the rules; Ray runs in tests/integration)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orpo_ray.config import ConfigError, load_config, with_absolute_paths
+from orpo_ray.launch.local import run_local
+from orpo_ray.launch.run_state import (
+    LOCK_FILE,
+    checkpoint_staging_root,
+    output_dir_lock,
+    read_state,
+    run_state_file,
+    save_state,
+    storage_path,
+)
+from orpo_ray.train.engine import load_rng_state, save_rng_state
+from orpo_ray.train.runtime import LocalRuntime, latest_step_dir, require_complete
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/runs", "gs://bucket/runs", "file:///mnt/shared/ray"])
+def test_storage_uris_go_to_ray_untouched(tmp_path, uri):
+    cfg = with_absolute_paths(load_config(None, [f"scaling.storage_path={uri}", f"output_dir={tmp_path}"]))
+    assert cfg.scaling.storage_path == uri and storage_path(cfg) == uri
+    assert run_state_file(cfg).startswith(uri + "/orpo-")
+    assert checkpoint_staging_root(cfg) == tmp_path / ".checkpoint_staging"  # staging stays on local disk
+
+
+def test_local_storage_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["scaling.storage_path=shared/ray", "output_dir=out"])
+    assert storage_path(cfg) == str(tmp_path / "shared/ray")
+    assert with_absolute_paths(cfg).scaling.storage_path == str(tmp_path / "shared/ray")
+    assert storage_path(load_config(None, ["output_dir=out"])) == str(tmp_path / "out/ray")
+    assert checkpoint_staging_root(cfg).parent.parent == tmp_path / "shared/ray"  # next to the checkpoints
+
+
+def test_output_dir_must_be_local():
+    with pytest.raises(ConfigError, match="output_dir must be a local.*scaling.storage_path"):
+        load_config(None, ["output_dir=s3://bucket/run"])
+
+
+def test_run_state_reads_and_writes_through_a_pyarrow_uri(tmp_path):
+    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", f"scaling.storage_path=file://{tmp_path}/store"])
+    save_state(run_state_file(cfg), cfg, completed=False)
+    written = list((tmp_path / "store").rglob("orpo_run.json"))
+    assert len(written) == 1 and read_state(run_state_file(cfg), cfg, "run")["completed"] is False
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    with output_dir_lock(tmp_path) as lock:
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()} on host"):
+            with output_dir_lock(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_FILE).exists()  # released
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    with output_dir_lock(tmp_path) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "another-host", "pid": int(dead.stdout)}))
+    with pytest.raises(ConfigError, match=f"if that run is gone, delete {tmp_path / LOCK_FILE}"):
+        with output_dir_lock(tmp_path):
+            pass
+
+
+def test_local_runs_refuse_an_output_dir_holding_another_config(tmp_path):
+    """`--local` gets the changed-config check of Ray runs (before any training starts)."""
+    first = load_config(None, [f"output_dir={tmp_path}"])
+    save_state(run_state_file(first, local=True), first, completed=False)
+    with pytest.raises(ConfigError, match=r"holds a run with a different config \(orpo\.beta\)"):
+        run_local(load_config(None, [f"output_dir={tmp_path}", "orpo.beta=0.5"]))
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_step_dir_without_its_marker_is_never_resumed_and_is_pruned(tmp_path):
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    runtime = LocalRuntime(cfg)
+    for step, complete in ((10, True), (20, True), (30, False)):  # step 30: a save that died half-way
+        d = Path(runtime.checkpoint_staging_dir(step))
+        d.mkdir(parents=True)
+        (d / "engine_state.pt").write_text("x")
+        if complete:
+            (d / "COMPLETE").touch()
+    with runtime.latest_checkpoint() as directory:
+        assert directory == str(tmp_path / "checkpoints" / "step_20")
+    runtime.report({}, str(tmp_path / "checkpoints" / "step_20"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_20"]
+    with pytest.raises(RuntimeError, match="no COMPLETE marker"):
+        require_complete(str(tmp_path / "checkpoints" / "missing"))
+
+
+def test_staging_a_step_again_starts_from_an_empty_dir(tmp_path):
+    runtime = LocalRuntime(load_config(None, [f"output_dir={tmp_path}"]))
+    stale = Path(runtime.checkpoint_staging_dir(5))
+    stale.mkdir(parents=True)
+    (stale / "leftover").touch()
+    assert not Path(runtime.checkpoint_staging_dir(5)).exists()
+    assert latest_step_dir(tmp_path / "checkpoints") is None
+
+
+def test_rng_state_round_trips_as_json(tmp_path):
+    random.seed(1)
+    torch.manual_seed(1)
+    save_rng_state(str(tmp_path), rank=3)
+    json.loads((tmp_path / "rng_state_rank3.json").read_text())  # plain JSON, no pickle
+    expected = (random.random(), torch.rand(2))
+    random.seed(2)
+    torch.manual_seed(2)
+    assert load_rng_state(str(tmp_path), rank=3) and not load_rng_state(str(tmp_path), rank=0)
+    got = (random.random(), torch.rand(2))
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+
+
+def test_cli_refuses_a_second_local_run_on_a_locked_output_dir(tmp_path, capsys):
+    from orpo_ray.cli import main
+
+    with output_dir_lock(tmp_path):  # a live run (this process) holds the directory
+        assert main(["train", "configs/demo.yaml", "--local", f"output_dir={tmp_path}"]) == 2
+    assert "is in use by another run" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
