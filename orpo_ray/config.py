@@ -86,7 +86,10 @@ class ModelSection:
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "float32", "Dtype the weights are stored in. Compute precision is train.precision."
     )
-    attn_implementation: str = _f("sdpa", "transformers attention implementation ('sdpa' or 'eager').")
+    attn_implementation: str = _f(
+        "auto", "transformers attention implementation: 'auto' picks sdpa where the model class supports it, "
+        "else eager (e.g. Gemma 2, whose attention soft-capping sdpa cannot do); or name one ('sdpa', 'eager', "
+        "'flex_attention', 'flash_attention_2': the packed layouts then fall back if it ignores custom masks).")
     tiny: TinyModelSection = field(default_factory=TinyModelSection, metadata={"help": "Embedded default architecture."})
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA / PEFT adapters."})
 
@@ -176,16 +179,18 @@ class TrainSection:
 # ---------------------------------------------------------------------------------------- efficiency
 @dataclass
 class EfficiencySection:
-    """Speed/memory switches; each gives the same losses and gradients as the plain path (tests/unit)."""
+    """Speed/memory switches, on by default; each gives the same losses and gradients as the plain path
+    (tests/unit). A switch the model cannot take (checked at load, see forward/fast_path.py) falls back for
+    the run with one printed line, recorded in results.json `fast_path` and the MLflow params."""
 
     chunked_lm_head: bool = _f(
-        False, "Apply the lm-head chunk by chunk to the positions that have targets only; never hold [2B, T, V]."
+        True, "Apply the lm-head chunk by chunk to the positions that have targets only; never hold [2B, T, V]."
     )
     lm_head_chunk_size: int = _f(1024, "Positions per lm-head chunk (the fp32 temporary is chunk x vocab).")
     prefix_sharing: bool = _f(
-        False, "Encode each prompt once: one sequence [prompt | chosen | rejected] with a block attention mask."
+        True, "Encode each prompt once: one sequence [prompt | chosen | rejected] with a block attention mask."
     )
-    packing: bool = _f(False, "Pack several pairs into one row (block-diagonal mask) so padding is not computed.")
+    packing: bool = _f(True, "Pack several pairs into one row (block-diagonal mask) so padding is not computed.")
     pack_length: Optional[int] = _f(None, "Tokens per packed row; null means the longest segment of each batch.")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from orpo_ray.config import Config
+from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
 from orpo_ray.precision import select_precision
 from orpo_ray.results import MARGIN_KEY, logp_margin
@@ -86,6 +87,10 @@ def run_eval(cfg: Config, *, mlflow_uri: str | None = None, parent_run_id: str |
     runtime = LocalRuntime(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.to(runtime.device)
+    fast_path = resolve_fast_path(model, cfg)
+    cfg = fast_path.apply(cfg)
+    for line in fast_path.lines():
+        print(line, flush=True)
     data_stats = runtime.setup_data(cfg, tokenizer)
     precision, _ = select_precision(cfg.train.precision, runtime.device)
 
@@ -97,6 +102,7 @@ def run_eval(cfg: Config, *, mlflow_uri: str | None = None, parent_run_id: str |
         "beta": cfg.orpo.beta,
         "eval_pairs": data_stats["eval_pairs"],
         "precision": precision,
+        "fast_path": fast_path.record(),
         "eval": metrics,
         "generations": greedy_generations(model, tokenizer, prompts, cfg.eval.max_new_tokens, runtime.device),
     }
