@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -119,6 +119,9 @@ class DataSection:
     format: Literal["auto", "pairs", "conversational", "hh"] = _f(
         "auto", "Row format: {prompt,chosen,rejected} strings, chat messages, or Anthropic HH transcripts."
     )
+    chat_template: Optional[str] = _f(
+        None, "Chat template for conversational data: null uses the model directory's tokenizer's own; else a "
+        "Jinja file path or a built-in name ('hh': the project's Human/Assistant format, 'chatml').")
     max_length: int = _f(512, "Longest prompt+response sequence in tokens.")
     max_prompt_length: int = _f(
         256, "Prompt budget when a pair is too long: the END of the prompt is kept (must be < max_length)."
@@ -210,7 +213,10 @@ class BenchSection:
 class ScalingSection:
     num_workers: int = _f(1, "Ray Train workers (data-parallel ranks).")
     use_gpu: bool = _f(False, "One GPU per worker, NCCL backend.")
-    cpus_per_worker: int = _f(1, "CPUs reserved per worker.")
+    cpus_per_worker: Union[int, Literal["auto"]] = _f(
+        "auto", "CPUs reserved per worker, and its torch threads. 'auto': when Ray runs on this one machine, its "
+        "cores split evenly across the workers (a sweep with max_concurrent_trials > 1 should name a number); "
+        "on a multi-node cluster 1.")
     address: Optional[str] = _f(None, "Ray cluster address; null starts a local Ray instance.")
     max_failures: int = _f(1, "Worker-group restarts Ray Train may do (resuming from the last checkpoint).")
     storage_path: Optional[str] = _f(None, "Shared storage for Ray Train checkpoints; null means output_dir/ray.")
@@ -298,7 +304,9 @@ class Config:
             )
         for key, value in (("train.per_device_batch_size", t.per_device_batch_size),
                            ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                           ("train.log_interval", t.log_interval), ("scaling.num_workers", self.scaling.num_workers)):
+                           ("train.log_interval", t.log_interval), ("scaling.num_workers", self.scaling.num_workers),
+                           ("scaling.cpus_per_worker", 1 if self.scaling.cpus_per_worker == "auto"
+                            else self.scaling.cpus_per_worker)):
             if value < 1:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
         if t.max_steps is not None and t.max_steps < 1:

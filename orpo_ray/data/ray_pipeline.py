@@ -29,7 +29,7 @@ from orpo_ray.data.prepare import (
     split_for_eval,
 )
 from orpo_ray.data.records import Quarantined, pair_to_row, read_pairs, write_quarantine
-from orpo_ray.data.tokenize import TOKEN_COLUMNS, tokenize_batch
+from orpo_ray.data.tokenize import TOKEN_COLUMNS, tokenize_batch, use_chat_template
 from orpo_ray.modeling import load_tokenizer
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
@@ -111,7 +111,7 @@ def tokenized_datasets(cfg: Config, tokenizer=None) -> tuple[dict, dict]:
     """{'train': Dataset, 'eval': Dataset} of tokenized rows, and data stats; tokenizes at most once."""
     import ray.data
 
-    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    tokenizer = use_chat_template(tokenizer or load_tokenizer(cfg.model), cfg.data.chat_template)
     root = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
     cache = (root / fingerprint(cfg, tokenizer)).resolve()
     if (cache / "stats.json").exists():
