@@ -205,7 +205,14 @@ class BenchSection:
     num_pairs: Optional[int] = _f(None, "Training pairs to use; null means max_steps x per_device_batch_size.")
     matmul_size: int = _f(1024, "Side of the square matmul that measures the machine's fp32/bf16 peak.")
     repeats: int = _f(1, "Runs per leg; the fastest is reported (all are kept), against load from other users.")
-    legs: list = _f([], "Contenders: {name, kind: trl|orpo, precision, overrides: [key=value ...]} mappings.")
+    legs: list = _f([], "Contenders: {name, kind: trl|orpo, precision, overrides: [key=value ...], ray: bool} "
+                    "mappings (ray: true trains through Ray Train as `orpo-ray train` does; else in-process).")
+    pairs: Literal["clean", "consecutive"] = _f(
+        "clean", "'clean': only pairs neither side truncates and whose tokens are the same tokenized jointly (the "
+        "loss comparison); 'consecutive': the first pairs as they come, long ones truncated by each side.")
+    families: list[str] = _f(
+        [], "Non-empty: instead of the legs, train each named tiny family (orpo_ray/commands/families.py) with the "
+        "defaults and with the plain path on data.train_path's first pairs; prints a pairs/s and peak RSS table.")
 
 
 # ------------------------------------------------------------------------------------------- scaling

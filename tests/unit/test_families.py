@@ -11,7 +11,7 @@ from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.forward.layouts import make_collate, make_token_stats
 from orpo_ray.forward.logprobs import policy_forward
 from orpo_ray.objectives.orpo import orpo_loss
-from tests.families import FAMILIES, build_model
+from orpo_ray.commands.families import FAMILIES, build_model
 
 PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False)
 BOS, EOS, PAD = 256, 257, 258
