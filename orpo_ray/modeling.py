@@ -112,12 +112,18 @@ def auto_attn_implementation(path: str | Path) -> str:
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
+def resolve_attn_implementation(cfg: ModelSection, path: str | Path | None = None) -> str:
+    """model.attn_implementation with 'auto' resolved for the model directory `path` (default name_or_path)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return auto_attn_implementation(path or cfg.name_or_path)
+
+
 def _load_pretrained(path: str | Path, cfg: ModelSection) -> torch.nn.Module:
-    attn = auto_attn_implementation(path) if cfg.attn_implementation == "auto" else cfg.attn_implementation
     return AutoModelForCausalLM.from_pretrained(
         path,
         dtype=_DTYPES[cfg.dtype],
-        attn_implementation=attn,
+        attn_implementation=resolve_attn_implementation(cfg, path),
         local_files_only=True,
         trust_remote_code=False,
     )

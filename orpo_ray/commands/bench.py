@@ -159,11 +159,13 @@ def run_trl_leg(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
+    from orpo_ray.modeling import resolve_attn_implementation
+
     cfg = config_from_dict(spec["config"])
     t = cfg.train
     tok = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], local_files_only=True, dtype=torch.float32,
-                                                 attn_implementation=cfg.model.attn_implementation)
+                                                 attn_implementation=resolve_attn_implementation(cfg.model, spec["model_dir"]))
     rows = [json.loads(line) for line in Path(spec["trl_train"]).read_text().splitlines()]
     timing = {"seconds": 0.0, "steps": 0, "tokens": 0, "step_tokens": 0}
 
