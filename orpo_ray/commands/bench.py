@@ -300,7 +300,8 @@ def _ratios(legs: list[dict]) -> dict:
               "peak_rss_ratio_vs_smallest_trl": best["peak_rss_mb"] / min(r["peak_rss_mb"] for r in trl)}
     trl32 = next((r for r in trl if r["precision"] == "fp32"), None)
     for r in ours:
-        if trl32 and r["precision"] == "fp32" and r["losses"] and trl32["losses"]:
+        # TRL logged loss 0.0 on bench.pairs=consecutive (truncated HH pairs): no relative difference to take.
+        if trl32 and r["precision"] == "fp32" and r["losses"] and trl32["losses"] and all(trl32["losses"]):
             n = min(len(r["losses"]), len(trl32["losses"]))
             ratios.setdefault("loss_vs_trl_fp32", {})[r["name"]] = {
                 "final_relative_difference": abs(r["losses"][-1] - trl32["losses"][-1]) / abs(trl32["losses"][-1]),
