@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -86,7 +86,10 @@ class ModelSection:
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "float32", "Dtype the weights are stored in. Compute precision is train.precision."
     )
-    attn_implementation: str = _f("sdpa", "transformers attention implementation ('sdpa' or 'eager').")
+    attn_implementation: str = _f(
+        "auto", "transformers attention implementation: 'auto' picks sdpa where the model class supports it, "
+        "else eager (e.g. Gemma 2, whose attention soft-capping sdpa cannot do); or name one ('sdpa', 'eager', "
+        "'flex_attention', 'flash_attention_2': the packed layouts then fall back if it ignores custom masks).")
     tiny: TinyModelSection = field(default_factory=TinyModelSection, metadata={"help": "Embedded default architecture."})
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA / PEFT adapters."})
 
@@ -125,6 +128,9 @@ class DataSection:
         "error", "A truncated or mislabelled .gz/.parquet file: 'error' stops naming the file, row and byte; "
         "'quarantine' keeps the rows read before the damage and quarantines the rest as one row."
     )
+    chat_template: Optional[str] = _f(
+        None, "Chat template for conversational data: null uses the model directory's tokenizer's own; else a "
+        "Jinja file path or a built-in name ('hh': the project's Human/Assistant format, 'chatml').")
     max_length: int = _f(512, "Longest prompt+response sequence in tokens.")
     max_prompt_length: int = _f(
         256, "Prompt budget when a pair is too long: the END of the prompt is kept (must be < max_length)."
@@ -202,16 +208,18 @@ class TrainSection:
 # ---------------------------------------------------------------------------------------- efficiency
 @dataclass
 class EfficiencySection:
-    """Speed/memory switches; each gives the same losses and gradients as the plain path (tests/unit)."""
+    """Speed/memory switches, on by default; each gives the same losses and gradients as the plain path
+    (tests/unit). A switch the model cannot take (checked at load, see forward/fast_path.py) falls back for
+    the run with one printed line, recorded in results.json `fast_path` and the MLflow params."""
 
     chunked_lm_head: bool = _f(
-        False, "Apply the lm-head chunk by chunk to the positions that have targets only; never hold [2B, T, V]."
+        True, "Apply the lm-head chunk by chunk to the positions that have targets only; never hold [2B, T, V]."
     )
     lm_head_chunk_size: int = _f(1024, "Positions per lm-head chunk (the fp32 temporary is chunk x vocab).")
     prefix_sharing: bool = _f(
-        False, "Encode each prompt once: one sequence [prompt | chosen | rejected] with a block attention mask."
+        True, "Encode each prompt once: one sequence [prompt | chosen | rejected] with a block attention mask."
     )
-    packing: bool = _f(False, "Pack several pairs into one row (block-diagonal mask) so padding is not computed.")
+    packing: bool = _f(True, "Pack several pairs into one row (block-diagonal mask) so padding is not computed.")
     pack_length: Optional[int] = _f(None, "Tokens per packed row; null means the longest segment of each batch.")
 
 
@@ -223,7 +231,14 @@ class BenchSection:
     num_pairs: Optional[int] = _f(None, "Training pairs to use; null means max_steps x per_device_batch_size.")
     matmul_size: int = _f(1024, "Side of the square matmul that measures the machine's fp32/bf16 peak.")
     repeats: int = _f(1, "Runs per leg; the fastest is reported (all are kept), against load from other users.")
-    legs: list = _f([], "Contenders: {name, kind: trl|orpo, precision, overrides: [key=value ...]} mappings.")
+    legs: list = _f([], "Contenders: {name, kind: trl|orpo, precision, overrides: [key=value ...], ray: bool} "
+                    "mappings (ray: true trains through Ray Train as `orpo-ray train` does; else in-process).")
+    pairs: Literal["clean", "consecutive"] = _f(
+        "clean", "'clean': only pairs neither side truncates and whose tokens are the same tokenized jointly (the "
+        "loss comparison); 'consecutive': the first pairs as they come, long ones truncated by each side.")
+    families: list[str] = _f(
+        [], "Non-empty: instead of the legs, train each named tiny family (orpo_ray/commands/families.py) with the "
+        "defaults and with the plain path on data.train_path's first pairs; prints a pairs/s and peak RSS table.")
 
 
 # ------------------------------------------------------------------------------------------- scaling
@@ -231,7 +246,10 @@ class BenchSection:
 class ScalingSection:
     num_workers: int = _f(1, "Ray Train workers (data-parallel ranks).")
     use_gpu: bool = _f(False, "One GPU per worker, NCCL backend.")
-    cpus_per_worker: int = _f(1, "CPUs reserved per worker.")
+    cpus_per_worker: Union[int, Literal["auto"]] = _f(
+        "auto", "CPUs reserved per worker, and its torch threads. 'auto': when Ray runs on this one machine, its "
+        "cores split evenly across the workers (a sweep with max_concurrent_trials > 1 should name a number); "
+        "on a multi-node cluster 1.")
     address: Optional[str] = _f(None, "Ray cluster address; null starts a local Ray instance.")
     max_failures: int = _f(1, "Worker-group restarts Ray Train may do (resuming from the last checkpoint).")
     memory_per_worker_gb: Optional[float] = _f(
@@ -347,7 +365,9 @@ class Config:
             )
         for key, value in (("train.per_device_batch_size", t.per_device_batch_size),
                            ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                           ("train.log_interval", t.log_interval), ("scaling.num_workers", self.scaling.num_workers)):
+                           ("train.log_interval", t.log_interval), ("scaling.num_workers", self.scaling.num_workers),
+                           ("scaling.cpus_per_worker", 1 if self.scaling.cpus_per_worker == "auto"
+                            else self.scaling.cpus_per_worker)):
             if value < 1:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
         if self.tracking.system_metrics_interval_s <= 0:

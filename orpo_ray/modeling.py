@@ -65,7 +65,7 @@ def build_tiny_model(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase) -> L
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    config._attn_implementation = cfg.attn_implementation
+    config._attn_implementation = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
     # Fork the RNG so building the model does not shift the training seed's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.init_seed)
@@ -99,11 +99,31 @@ def load_model_and_tokenizer(cfg: ModelSection) -> tuple[torch.nn.Module, PreTra
     return model, tokenizer
 
 
+def auto_attn_implementation(path: str | Path) -> str:
+    """'sdpa' where the directory's model class supports it, else 'eager' (Gemma 2: sdpa cannot soft-cap).
+
+    flex / flash attention are never picked: flash ignores the packed layouts' 4-D masks, and flex compiles a
+    kernel per shape (no gain measured here on CPU); name them in model.attn_implementation to use them."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def resolve_attn_implementation(cfg: ModelSection, path: str | Path | None = None) -> str:
+    """model.attn_implementation with 'auto' resolved for the model directory `path` (default name_or_path)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return auto_attn_implementation(path or cfg.name_or_path)
+
+
 def _load_pretrained(path: str | Path, cfg: ModelSection) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(
         path,
         dtype=_DTYPES[cfg.dtype],
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=resolve_attn_implementation(cfg, path),
         local_files_only=True,
         trust_remote_code=False,
     )

@@ -71,7 +71,7 @@ def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_de
     limit, limit_source = worker_memory_bytes(cfg, workers)
     plan = {
         "workers": workers,
-        "resources_per_worker": {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        "resources_per_worker": {"CPU": planned_cpus_per_worker(cfg), **({"GPU": 1} if s.use_gpu else {})},
         "device": str(torch.device(device).type),
         "backend": "nccl" if s.use_gpu else "gloo",
         "engine": f"DeepSpeed ZeRO-{d.zero_stage}" + (" + optimizer offload" if d.offload_optimizer else "")
@@ -139,3 +139,16 @@ def model_shape(model: torch.nn.Module, attn_implementation: str, device: torch.
             "largest_layer_params": largest,
             # SDPA on CUDA runs flash / memory-efficient kernels; on CPU (and eager anywhere) it holds T x T scores.
             "dense_scores": attn_implementation == "eager" or torch.device(device).type != "cuda"}
+
+
+def planned_cpus_per_worker(cfg: Config) -> int | str:
+    """CPUs per worker as the run will ask Ray for them. `auto` is resolved where it can be without Ray: a run
+    that starts its own local instance splits this machine's cores across the workers (launch.session does the
+    same with the started instance's CPUs); on a cluster it depends on the node count, said in words."""
+    s = cfg.scaling
+    if s.cpus_per_worker != "auto":
+        return s.cpus_per_worker
+    if s.address or os.environ.get("RAY_ADDRESS"):
+        return "auto (a one-node cluster's CPUs split across the workers; 1 on a multi-node cluster)"
+    return max(1, (os.cpu_count() or 1) // s.num_workers)
+

@@ -70,14 +70,21 @@ def prepare_inputs(cfg: Config, work: Path) -> dict:
     wanted = cfg.bench.num_pairs or cfg.train.max_steps * b
     kept, rows, skipped = [], [], {"truncated": 0, "joint_tokenization_differs": 0}
     enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
-    for p in pairs:
-        row = tokenize_pair(p.prompt, p.chosen, p.rejected, tok, d.max_length, d.max_prompt_length)
+
+    def skip_reason(p, row) -> str | None:
         if row["prompt_tokens_cut"] or row["response_tokens_cut"]:
-            skipped["truncated"] += 1
-            continue
+            return "truncated"
         n = len(enc(p.prompt))
         if any(enc(p.prompt + r)[:n] != enc(p.prompt) or enc(p.prompt + r)[n:] != enc(r) for r in (p.chosen, p.rejected)):
-            skipped["joint_tokenization_differs"] += 1
+            return "joint_tokenization_differs"
+        return None
+
+    for p in pairs:
+        row = tokenize_pair(p.prompt, p.chosen, p.rejected, tok, d.max_length, d.max_prompt_length)
+        # consecutive: the pairs as they come, both sides truncating the long ones their own way
+        reason = skip_reason(p, row) if cfg.bench.pairs == "clean" else None
+        if reason:
+            skipped[reason] += 1
             continue
         kept.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
         rows.append(row)
@@ -137,7 +144,7 @@ def run_orpo_leg(spec: dict) -> dict:
         f"train.precision={spec['precision']}", *spec.get("overrides", []),
     ])
     cfg = config_from_dict(values, where=f"bench leg {spec['name']}")
-    if cfg.scaling.num_workers > 1:
+    if cfg.scaling.num_workers > 1 or spec.get("ray"):
         from orpo_ray.launch.trainer import run_training
 
         results = run_training(cfg)
@@ -146,7 +153,8 @@ def run_orpo_leg(spec: dict) -> dict:
     history = json.loads((Path(cfg.output_dir) / "history.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]
     return {"pairs_per_second": results["pairs_per_second"], "tokens_per_second": results["tokens_per_second"],
-            "losses": losses, "precision": results["precision"], "world_size": results["world_size"]}
+            "losses": losses, "precision": results["precision"], "world_size": results["world_size"],
+            "fast_path": results.get("fast_path"), "worker_peak_rss_mb": results["peak_rss_mb"]}
 
 
 def trl_trainer_for(cfg: Config) -> tuple[type, type, dict]:
@@ -170,12 +178,14 @@ def run_trl_leg(spec: dict) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+    from orpo_ray.modeling import resolve_attn_implementation
+
     cfg = config_from_dict(spec["config"])
     trl_trainer, trl_config, objective_args = trl_trainer_for(cfg)
     t = cfg.train
     tok = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], local_files_only=True, dtype=torch.float32,
-                                                 attn_implementation=cfg.model.attn_implementation)
+                                                 attn_implementation=resolve_attn_implementation(cfg.model, spec["model_dir"]))
     rows = [json.loads(line) for line in Path(spec["trl_train"]).read_text().splitlines()]
     timing = {"seconds": 0.0, "steps": 0, "tokens": 0, "step_tokens": 0}
 
@@ -220,15 +230,36 @@ def _leg_main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.manual_seed(config_from_dict(spec["config"]).train.seed)
     result = (run_trl_leg if spec["kind"] == "trl" else run_orpo_leg)(spec)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # A Ray leg trains in a Ray worker process: its peak counts too (Ray's own daemons are not counted).
+    result["peak_rss_mb"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                result.get("worker_peak_rss_mb") or 0.0)
     Path(out_path).write_text(json.dumps(result))
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def run_leg(spec: dict, work: Path, repeats: int) -> tuple[list[dict], str | None]:
+    """Run one leg `repeats` times, each in its own subprocess (its own peak RSS): (results, error or None)."""
+    spec_path, result_path = work / f"{spec['name']}.spec.json", work / f"{spec['name']}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    runs = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "orpo_ray.commands.bench", "--leg", str(spec_path), "--out",
+                               str(result_path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return runs, proc.stderr[-3000:]
+        runs.append({**json.loads(result_path.read_text()), "leg_wall_seconds": time.perf_counter() - start})
+    return runs, None
+
+
 def run_bench(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     work = out / "bench_work"
     work.mkdir(parents=True, exist_ok=True)
+    if cfg.bench.families:
+        from orpo_ray.commands.families import run_family_bench
+
+        return run_family_bench(cfg, work)
     if not cfg.bench.legs:
         raise ValueError("bench.legs is empty: list the contenders (see configs/bench/)")
     if cfg.train.max_steps is None or cfg.train.max_steps < 2:
@@ -247,17 +278,7 @@ def run_bench(cfg: Config) -> dict:
     for leg in cfg.bench.legs:
         spec = {**leg, **{k: inputs[k] for k in ("model_dir", "train", "trl_train", "eval")},
                 "config": cfg.to_dict(), "work": str(work / leg["name"]), "precision": leg.get("precision", "fp32")}
-        spec_path, result_path = work / f"{leg['name']}.spec.json", work / f"{leg['name']}.result.json"
-        spec_path.write_text(json.dumps(spec))
-        runs, error = [], None
-        for _ in range(max(1, cfg.bench.repeats)):
-            start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "orpo_ray.commands.bench", "--leg", str(spec_path), "--out",
-                                   str(result_path)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                error = proc.stderr[-3000:]
-                break
-            runs.append({**json.loads(result_path.read_text()), "leg_wall_seconds": time.perf_counter() - start})
+        runs, error = run_leg(spec, work, cfg.bench.repeats)
         if error is not None:
             print(f"[bench] leg {leg['name']} failed:\n{error}", flush=True)
             legs.append({"name": leg["name"], "kind": leg["kind"], "error": error})
@@ -300,7 +321,8 @@ def _ratios(legs: list[dict]) -> dict:
               "peak_rss_ratio_vs_smallest_trl": best["peak_rss_mb"] / min(r["peak_rss_mb"] for r in trl)}
     trl32 = next((r for r in trl if r["precision"] == "fp32"), None)
     for r in ours:
-        if trl32 and r["precision"] == "fp32" and r["losses"] and trl32["losses"]:
+        # TRL logged loss 0.0 on bench.pairs=consecutive (truncated HH pairs): no relative difference to take.
+        if trl32 and r["precision"] == "fp32" and r["losses"] and trl32["losses"] and all(trl32["losses"]):
             n = min(len(r["losses"]), len(trl32["losses"]))
             ratios.setdefault("loss_vs_trl_fp32", {})[r["name"]] = {
                 "final_relative_difference": abs(r["losses"][-1] - trl32["losses"][-1]) / abs(trl32["losses"][-1]),

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from orpo_ray.config import Config
+from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
 from orpo_ray.objectives import build_objective
 from orpo_ray.precision import select_precision
@@ -87,6 +88,10 @@ def run_eval(cfg: Config, *, mlflow_uri: str | None = None, parent_run_id: str |
     runtime = LocalRuntime(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.to(runtime.device)
+    fast_path = resolve_fast_path(model, cfg)
+    cfg = fast_path.apply(cfg)
+    for line in fast_path.lines():
+        print(line, flush=True)
     data_stats = runtime.setup_data(cfg, tokenizer)
     if not data_stats["eval_pairs"]:
         raise ValueError(f"orpo-ray eval: {no_eval_reason(cfg)}")
@@ -101,6 +106,7 @@ def run_eval(cfg: Config, *, mlflow_uri: str | None = None, parent_run_id: str |
         "beta": build_objective(cfg).beta,
         "eval_pairs": data_stats["eval_pairs"],
         "precision": precision,
+        "fast_path": fast_path.record(),
         "eval": metrics,
         "generations": greedy_generations(model, tokenizer, prompts, cfg.eval.max_new_tokens, runtime.device),
     }

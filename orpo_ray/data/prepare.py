@@ -25,7 +25,7 @@ from orpo_ray.data.records import (
     write_quarantine,
 )
 from orpo_ray.data.synthetic import write_synthetic_split
-from orpo_ray.data.tokenize import tokenize_row
+from orpo_ray.data.tokenize import tokenize_row, use_chat_template
 
 
 @dataclass
@@ -104,6 +104,7 @@ def pair_key(pair: PreferencePair) -> tuple[str, int]:
 def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     """Read, parse, split, tokenize under `policy`; quarantined rows are kept (with reasons) for the run."""
     d = cfg.data
+    use_chat_template(tokenizer, d.chat_template)
     train_pairs, eval_pairs, read_quarantine, sources = read_splits(cfg)
     outcome = lambda pair: tokenize_row(pair, tokenizer, d.max_length, d.max_prompt_length)  # noqa: E731
     train, evals = (select_split(pairs, pair_key, outcome, limit, d.drop_identical_pairs)
@@ -121,21 +122,47 @@ def save_quarantine(prepared: PreparedData, output_dir: str | Path) -> Path:
     return path
 
 
+CACHE_FORMAT = 2  # bump when the cached rows' layout or the tokenization policy changes
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides a tokenizer's output: vocabulary and merges (the fast tokenizer's full JSON:
+    model, normalizer, pre-tokenizer, added tokens), special tokens and their ids, and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = {name: [getattr(tokenizer, name, None), getattr(tokenizer, f"{name}_id", None)]
+                for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    parts = [type(tokenizer).__name__, content, specials, getattr(tokenizer, "chat_template", None)]
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_identity(root: Path) -> list:
+    """(relative path, size, mtime in ns, inode) of a file or of every file in a directory: a rewrite within the
+    same second changes mtime_ns (and usually the inode), where whole seconds would not."""
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    return [[str(f.relative_to(root)) if root.is_dir() else f.name, st.st_size, st.st_mtime_ns, st.st_ino]
+            for f in files for st in [f.stat()]]
+
+
 def fingerprint(cfg: Config, tokenizer) -> str:
-    """Key for the tokenized cache: inputs, their sizes/mtimes, the tokenizer and the truncation settings."""
+    """Key for the tokenized cache: everything that decides its content - the input files' identity, the data
+    and truncation settings, the tokenizer's content (`tokenizer_fingerprint`) and the cache format."""
     d = cfg.data
     parts = {
+        "format_version": CACHE_FORMAT,
         "train": d.train_path, "eval": d.eval_path, "train_split": d.train_split, "eval_split": d.eval_split,
         "format": d.format, "max_length": d.max_length, "max_chars": d.max_chars, "on_damaged_file": d.on_damaged_file,
         "max_prompt_length": d.max_prompt_length, "eval_fraction": d.eval_fraction,
         "synthetic": vars(d.synthetic) if d.train_path is None else None,
         "max_train_pairs": d.max_train_pairs, "max_eval_pairs": d.max_eval_pairs,
         "drop_identical_pairs": d.drop_identical_pairs,
-        "vocab": len(tokenizer), "tokenizer": type(tokenizer).__name__,
+        "tokenizer": tokenizer_fingerprint(tokenizer),  # callers applied data.chat_template to it already
+        "chat_template": d.chat_template,
     }
+    if d.chat_template and Path(d.chat_template).is_file():
+        parts["chat_template_file"] = _file_identity(Path(d.chat_template))
     for key in ("train", "eval"):
         p = parts[key]
-        if p and Path(p).exists():  # a save_to_disk directory: every file in it (its shards, state.json)
-            files = sorted(f for f in Path(p).rglob("*") if f.is_file()) if Path(p).is_dir() else [Path(p)]
-            parts[f"{key}_stat"] = [[str(f.relative_to(p)), f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+        if p and "://" not in p and Path(p).exists():  # a save_to_disk directory: every file in it
+            parts[f"{key}_files"] = _file_identity(Path(p))
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -29,7 +29,7 @@ from orpo_ray.config import Config
 from orpo_ray.data.policy import data_stats, require_train_pairs, select_split
 from orpo_ray.data.prepare import fingerprint, resolve_sources, split_for_eval
 from orpo_ray.data.records import DamagedFileError, Quarantined, pair_to_row, read_pairs, write_quarantine
-from orpo_ray.data.tokenize import FLAG_COLUMNS, QUARANTINE_COLUMNS, TOKEN_COLUMNS, tokenize_batch
+from orpo_ray.data.tokenize import FLAG_COLUMNS, QUARANTINE_COLUMNS, TOKEN_COLUMNS, tokenize_batch, use_chat_template
 from orpo_ray.modeling import load_tokenizer
 
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
@@ -120,7 +120,7 @@ def tokenized_datasets(cfg: Config, tokenizer=None) -> tuple[dict, dict]:
     """{'train': Dataset, 'eval': Dataset} of tokenized rows, and data stats; tokenizes at most once."""
     import ray.data
 
-    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    tokenizer = use_chat_template(tokenizer or load_tokenizer(cfg.model), cfg.data.chat_template)
     root = Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
     cache = (root / fingerprint(cfg, tokenizer)).resolve()
     if (cache / "stats.json").exists():

@@ -25,10 +25,12 @@ Pure module: tokenizer objects only; no ray, no deepspeed.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from orpo_ray.data.policy import row_flags
 from orpo_ray.data.records import PreferencePair, Quarantined, excerpt, row_to_pair
+from orpo_ray.embedded_tokenizer import CHAT_TEMPLATE as HH_TEMPLATE
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_tokens_cut", "response_tokens_cut")
 FLAG_COLUMNS = ("identical", "truncated")  # policy.row_flags, computed where the tokens are
@@ -36,12 +38,40 @@ QUARANTINE_COLUMNS = ("reason", "excerpt")  # tokenize_batch: a non-empty reason
 EMPTY_PROMPT = "empty prompt and the tokenizer has no BOS token: the first response token has nothing to be scored from"
 
 
+# data.chat_template built-ins: the project's HH-style template, and ChatML (Qwen's format).
+BUILTIN_CHAT_TEMPLATES = {
+    "hh": HH_TEMPLATE,
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+               "{% endif %}"),
+}
+
+
+def use_chat_template(tokenizer: Any, setting: str | None) -> Any:
+    """Apply ``data.chat_template`` (a built-in name or a Jinja file) to `tokenizer`; None keeps the model
+    directory's own template. Returns the tokenizer (changed in place, so an exported model carries it)."""
+    if setting is None:
+        return tokenizer
+    if setting in BUILTIN_CHAT_TEMPLATES:
+        tokenizer.chat_template = BUILTIN_CHAT_TEMPLATES[setting]
+    elif Path(setting).is_file():
+        tokenizer.chat_template = Path(setting).read_text()
+    else:
+        raise ValueError(f"data.chat_template={setting!r} is neither a file nor a built-in template "
+                         f"({', '.join(BUILTIN_CHAT_TEMPLATES)})")
+    return tokenizer
+
+
 def render_pair(pair: PreferencePair, tokenizer: Any) -> tuple[str, str, str]:
-    """Texts of (prompt, chosen, rejected); conversational pairs go through the tokenizer's chat template."""
+    """Texts of (prompt, chosen, rejected); conversational pairs go through the tokenizer's chat template
+    (the model directory's own, or ``data.chat_template`` via `use_chat_template`)."""
     if isinstance(pair.chosen, str):
         return pair.prompt, pair.chosen, pair.rejected
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversational data needs a tokenizer with a chat template")
+        raise ValueError(
+            f"{pair.source} row {pair.row}: conversational data is rendered with the model's chat template, but "
+            f"the tokenizer at {getattr(tokenizer, 'name_or_path', '') or '(built in)'} has none; set "
+            f"data.chat_template to a Jinja file or a built-in name ({', '.join(BUILTIN_CHAT_TEMPLATES)})")
     prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
     responses = []
     for reply in (pair.chosen, pair.rejected):

@@ -5,9 +5,14 @@ of every row, then reduces the vocabulary. Two things are wasted there: position
 reads (the prompt, unless ``nll_on_prompt``; padding), and memory for a [N, T, V] tensor plus its gradient.
 
 Here the model body gives hidden states; only the *target* positions are gathered (``src`` indices into the
-flattened hidden states), and ``_ChunkedLmHeadLogProb`` applies the lm-head weight to ``chunk`` of them at a
-time: forward keeps only the log-sum-exp per target, backward recomputes each chunk's logits and accumulates
-the gradients of the hidden states and of the weight chunk by chunk. Peak extra memory is ~ chunk x V floats.
+flattened hidden states), and ``_ChunkedLmHeadLogProb`` applies the lm-head to ``chunk`` of them at a time:
+forward keeps only the log-sum-exp per target, backward recomputes each chunk's logits and accumulates the
+gradients of the hidden states, the weight and the bias chunk by chunk. Peak extra memory is ~ chunk x V floats.
+
+Model families differ in what follows ``hidden @ W.T``: a bias (Phi-2), a logit multiplier (Cohere's
+``logit_scale``) or divisor (Granite's ``logits_scaling``), a final tanh soft-cap (Gemma 2/3's
+``final_logit_softcapping``). `LmHead` carries those, read from the model's config; `forward.fast_path`
+checks at load that it reproduces the model's own logits and turns the switch off when it does not.
 
 ``stats_from_targets`` scatters the per-target results back into the padded [2B, T] layout of
 ``collate.collate_pairs`` (``dst`` indices), so ``logprobs.outputs_from_token_stats`` is shared by every path.
@@ -17,33 +22,85 @@ Pure module: torch only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from orpo_ray.forward.logprobs import TokenStats, _TargetLogProb
+from orpo_ray.forward.logprobs import TokenStats, target_logps
 
 
-def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder body returning ``last_hidden_state``, lm-head Linear) of a HF causal LM, through wrappers.
+@dataclass(frozen=True)
+class LmHead:
+    """logits = softcap(((hidden @ weight.T + bias) * multiplier) / divisor), as the model's forward computes them.
 
-    DeepSpeed/DDP engines keep the model in ``.module``; PEFT models expose ``get_base_model()`` (adapters are
-    injected in place, so the body still runs them). ZeRO-2 does not partition parameters, so calling the body
-    directly is safe there; ZeRO-3 would need the engine's gather hooks and is not supported by this path.
+    softcap: ``None``, or c for ``c * tanh(x / c)``.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    multiplier: float = 1.0
+    divisor: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def post(self) -> tuple[float, float | None]:
+        """(scale applied to the matmul output, soft-cap) for the autograd function."""
+        return self.multiplier / self.divisor, self.softcap
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """All logits at once, the way the model's own head would produce them (the un-chunked ablation)."""
+        z = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return _apply_post(z, *self.post)
+
+
+def _apply_post(z: Tensor, scale: float, softcap: float | None) -> Tensor:
+    if scale != 1.0:
+        z = z * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face causal LM inside DeepSpeed/DDP engines (``.module``) and PEFT wrappers.
+
+    PEFT injects adapters in place, so the unwrapped model still runs them.
     """
     inner = model
     while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
         inner = inner.module
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
-    body = getattr(inner, "model", None)
+    return inner
+
+
+def head_config(config) -> tuple[float, float, float | None]:
+    """(multiplier, divisor, soft-cap) of the final logits, from the config keys transformers' models read."""
+    multiplier = float(getattr(config, "logit_scale", None) or 1.0)      # Cohere: logits * logit_scale
+    divisor = float(getattr(config, "logits_scaling", None) or 1.0)      # Granite: logits / logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None)          # Gemma 2/3: c * tanh(logits / c)
+    return multiplier, divisor, (float(softcap) if softcap else None)
+
+
+def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, LmHead]:
+    """(decoder body returning ``last_hidden_state``, `LmHead`) of a HF causal LM, through wrappers.
+
+    The body is the model's ``base_model`` and the head its ``get_output_embeddings()`` (GPT-2's
+    ``transformer``, GPT-NeoX's ``gpt_neox``, Llama's ``model``...), so no attribute name is assumed.
+    ZeRO-2 does not partition parameters, so calling the body directly is safe there; ZeRO-3 would need the
+    engine's gather hooks and is not supported by this path. Raises TypeError naming what is missing.
+    """
+    inner = unwrap_causal_lm(model)
+    body = getattr(inner, "base_model", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if body is None or not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"{type(inner).__name__}: the chunked lm-head needs a causal LM with .model and a Linear lm_head")
-    if head.bias is not None:
-        raise TypeError("the chunked lm-head does not support an lm_head bias")
-    return body, head
+    name = type(inner).__name__
+    if body is None or body is inner:
+        raise TypeError(f"{name} has no separate base model (body) to run without its head")
+    if type(head) is not torch.nn.Linear:  # an adapter-wrapped or custom head would be bypassed by its weight
+        raise TypeError(f"{name}'s output embedding is {type(head).__name__}, not a plain Linear")
+    return body, LmHead(head.weight, head.bias, *head_config(inner.config))
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -55,17 +112,19 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 class _ChunkedLmHeadLogProb(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T)[i, targets[i]] and the logit row sums, ``chunk`` rows at a time.
+    """log_softmax(post(hidden @ weight.T + bias))[i, targets[i]] and the logit row sums, ``chunk`` rows at a time.
 
-    The matmul runs in ``compute_dtype`` (bf16 under autocast, like ``nn.Linear`` would), the log-sum-exp and
-    the returned values in fp32 (fp64 for fp64 inputs). Saved for backward: hidden [M, H], the weight
-    (a parameter, not a copy), targets and the log-sum-exp [M].
+    post: ``(scale, softcap)`` of `LmHead`. The matmul runs in ``compute_dtype`` (bf16 under autocast, like
+    ``nn.Linear`` would), the scaling, log-sum-exp and returned values in fp32 (fp64 for fp64 inputs). Saved
+    for backward: hidden [M, H], the weight and bias (parameters, not copies), targets and the log-sum-exp [M].
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, compute_dtype: torch.dtype):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
+                compute_dtype: torch.dtype, post: tuple[float, float | None]):
         acc = torch.promote_types(compute_dtype, torch.float32)
         w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
         m = hidden.shape[0]
         lse = torch.empty(m, dtype=acc, device=hidden.device)
         picked = torch.empty(m, dtype=acc, device=hidden.device)
@@ -73,32 +132,41 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, m, chunk):
                 rows = slice(start, start + chunk)
-                logits = hidden[rows].to(compute_dtype) @ w.T
-                sums[rows] = logits.sum(-1, dtype=acc)
-                logits = logits.to(acc)
+                logits = _apply_post(torch.nn.functional.linear(hidden[rows].to(compute_dtype), w, b).to(acc), *post)
+                sums[rows] = logits.sum(-1)
                 lse[rows] = torch.logsumexp(logits, dim=-1)
                 picked[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.compute_dtype = chunk, compute_dtype
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.compute_dtype, ctx.post = chunk, compute_dtype, post
         ctx.mark_non_differentiable(sums)
         return picked - lse, sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps: Tensor, _grad_sums: Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        cd = ctx.compute_dtype
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        cd, (scale, softcap) = ctx.compute_dtype, ctx.post
         w = weight.to(cd)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+        b = None if bias is None else bias.to(cd)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 h = hidden[rows].to(cd)
                 g = grad_logps[rows].to(lse.dtype).unsqueeze(-1)
+                logits = _apply_post(torch.nn.functional.linear(h, w, b).to(lse.dtype), scale, softcap)
                 # d(x_target - lse)/dx = onehot(target) - softmax(x)
-                grad = torch.exp((h @ w.T).to(lse.dtype) - lse[rows].unsqueeze(-1)).mul_(-g)
+                grad = torch.exp(logits - lse[rows].unsqueeze(-1)).mul_(-g)
                 grad.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
+                if softcap is not None:  # x = c * tanh(u / c): dx/du = 1 - (x / c)^2
+                    grad.mul_(1 - (logits / softcap).square_())
+                if scale != 1.0:
+                    grad.mul_(scale)
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
                 grad = grad.to(cd)
                 if grad_hidden is not None:
                     grad_hidden[rows] = (grad @ w).to(hidden.dtype)
@@ -106,17 +174,23 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
                     grad_weight += (grad.T @ h).to(grad_weight.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def chunked_target_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """(log p(targets[i] | hidden[i]) [M], detached logit row sums [M]) without an [M, V] tensor kept alive."""
-    return _ChunkedLmHeadLogProb.apply(hidden, weight, targets, chunk, _compute_dtype(hidden))
+def chunked_target_logps(hidden: Tensor, head: LmHead | Tensor, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """(log p(targets[i] | hidden[i]) [M], detached logit row sums [M]) without an [M, V] tensor kept alive.
+
+    head: an `LmHead`, or a bare weight [V, H] (no bias, no scaling)."""
+    head = head if isinstance(head, LmHead) else LmHead(head)
+    return _ChunkedLmHeadLogProb.apply(hidden, head.weight, head.bias, targets, chunk, _compute_dtype(hidden),
+                                       head.post)
 
 
 def stats_from_targets(
     hidden_flat: Tensor,
-    head: torch.nn.Module,
+    head: LmHead,
     src: Tensor,
     target_ids: Tensor,
     dst: Tensor,
@@ -129,11 +203,11 @@ def stats_from_targets(
     un-chunked variant, kept for the ablation: full logits, then the target rows are picked).
     """
     if chunk is None:
-        logits = head(hidden_flat).index_select(0, src)
-        logps = _TargetLogProb.apply(logits, target_ids, max(1, (1 << 24) // logits.shape[-1]))
+        logits = head.logits(hidden_flat).index_select(0, src)
+        logps = target_logps(logits, target_ids)
         sums = logits.detach().sum(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     else:
-        logps, sums = chunked_target_logps(hidden_flat.index_select(0, src), head.weight, target_ids, chunk)
+        logps, sums = chunked_target_logps(hidden_flat.index_select(0, src), head, target_ids, chunk)
     n = shape[0] * shape[1]
     flat_logps = logps.new_zeros(n).index_put((dst,), logps)
     flat_sums = sums.new_zeros(n).index_put((dst,), sums.detach())

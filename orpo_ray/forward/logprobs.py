@@ -104,6 +104,12 @@ class _TargetLogProb(torch.autograd.Function):
         return grad_logits, None, None
 
 
+def target_logps(logits: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """log_softmax(logits)[i, targets[i]] [M] fp32 for 2-D logits [M, V], without an fp32 [M, V] copy kept."""
+    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+    return _TargetLogProb.apply(logits, targets, rows)
+
+
 def _shift_right(per_next: Tensor) -> Tensor:
     """[N, T] "about token t+1" -> [N, T] "about token t" with a 0 in column 0 (position 0 is never a target)."""
     return torch.cat([per_next.new_zeros(per_next.shape[0], 1), per_next[:, :-1]], dim=1)
@@ -127,10 +133,9 @@ def token_logps(logits: Tensor, input_ids: Tensor, chunk_rows: int | None = None
     """
     if logits.shape[:-1] != input_ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} disagree")
-    n, t, v = logits.shape
+    n, t, _ = logits.shape
     flat_logits, flat_next = _flat_next_tokens(logits, input_ids)
-    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // max(v, 1))
-    per_next = _TargetLogProb.apply(flat_logits, flat_next, rows).view(n, t)
+    per_next = target_logps(flat_logits, flat_next, chunk_rows).view(n, t)
     return _shift_right(per_next)
 
 

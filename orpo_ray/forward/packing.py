@@ -134,13 +134,24 @@ def block_attention_mask(segment: Tensor, branch: Tensor) -> Tensor:
     return mask.unsqueeze(1)
 
 
+def mask_for_attention(mask: Tensor, body: torch.nn.Module) -> Tensor:
+    """The block mask in the form the body's attention takes as-is: transformers passes a 4-D mask through
+    unchanged, sdpa reads a bool mask, but eager *adds* the mask to the scores, so it needs 0 / -inf-like
+    floats (a bool mask there would add 1 to allowed scores and mask nothing, silently)."""
+    impl = getattr(getattr(body, "config", None), "_attn_implementation", "sdpa")
+    if impl == "sdpa":
+        return mask
+    dtype = next(body.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
 def packed_token_stats(
     model: torch.nn.Module, batch: Mapping[str, Tensor], nll_on_prompt: bool, chunk: int | None
 ) -> TokenStats:
     """``TokenStatsFn`` for ``collate_packed`` batches: one body pass over the packed rows, then the lm-head
     on the target positions (chunked unless ``chunk`` is None), scattered into the padded [2B, T] layout."""
     body, head = causal_lm_parts(model)
-    mask = block_attention_mask(batch["packed_segment"], batch["packed_branch"])
+    mask = mask_for_attention(block_attention_mask(batch["packed_segment"], batch["packed_branch"]), body)
     hidden = body(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
                   attention_mask=mask, use_cache=False).last_hidden_state
     keep = slice(None) if nll_on_prompt else ~batch["target_is_prompt"]

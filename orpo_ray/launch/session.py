@@ -66,9 +66,28 @@ def ensure_ray(cfg: Config) -> None:
         try:
             ray.init(runtime_env={"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}",
                                                                 cfg.scaling.use_gpu)},
-                     num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
+                     num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * _explicit_cpus(cfg)))
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _explicit_cpus(cfg: Config) -> int:
+    return 1 if cfg.scaling.cpus_per_worker == "auto" else cfg.scaling.cpus_per_worker
+
+
+def cpus_per_worker(cfg: Config) -> int:
+    """scaling.cpus_per_worker, with 'auto' resolved (Ray must be initialised): on a one-node Ray instance
+    (a local run, or a cluster that is one machine) its CPUs split across the workers, so a 1-worker run gets
+    every core instead of 1 (Ray also sets the worker's OMP_NUM_THREADS to it); on a multi-node cluster 1,
+    as node sizes may differ."""
+    if cfg.scaling.cpus_per_worker != "auto":
+        return cfg.scaling.cpus_per_worker
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) != 1:
+        return 1
+    return max(1, int(nodes[0].get("Resources", {}).get("CPU", 1)) // cfg.scaling.num_workers)
 
 
 def _free_port() -> int:

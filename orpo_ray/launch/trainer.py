@@ -16,8 +16,11 @@ Flow of `run_training(cfg)`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+import torch
 
 from orpo_ray.config import Config, with_absolute_paths
 from orpo_ray.launch.ray_runtime import RayRuntime
@@ -29,7 +32,7 @@ from orpo_ray.launch.run_state import (
     save_state,
     storage_path,
 )
-from orpo_ray.launch.session import ensure_ray, quiet_ray_data, worker_env
+from orpo_ray.launch.session import cpus_per_worker, ensure_ray, quiet_ray_data, worker_env
 from orpo_ray.train.loop import RUN_EXTRAS_KEY, train_loop_per_worker
 
 
@@ -39,6 +42,8 @@ def ray_train_loop(config: dict) -> None:
 
     cfg, extras = split_loop_config(config)
     quiet_ray_data()
+    # make_trainer resolved 'auto'; torch's intra-op pool then matches the CPUs Ray reserved for this worker.
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
     train_loop_per_worker(config, runtime=RayRuntime(cfg, extras))
 
 
@@ -53,6 +58,7 @@ def make_trainer(cfg: Config, datasets: dict, extras: dict, *, callbacks=None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = with_absolute_paths(cfg)  # workers run in another directory
+    cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=cpus_per_worker(cfg)))
     s = cfg.scaling
     loop_config = {**cfg.to_dict(), RUN_EXTRAS_KEY: extras}
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": 1} if s.use_gpu else {})

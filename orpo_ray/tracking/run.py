@@ -46,14 +46,14 @@ class RunTracker:
         return self.tracker.run_id
 
     def log_start(self, cfg: Any, data_stats: Mapping[str, Any], precision: str,
-                  plan: Mapping[str, Any] | None = None) -> None:
+                  plan: Mapping[str, Any] | None = None, fast_path: Mapping[str, Any] | None = None) -> None:
         """Config as flattened params (`orpo.beta`, `train.learning_rate`: the same keys in every run, so
-        MLflow's compare view lines runs up), the resolved plan (`plan.*`), and the train/eval data as dataset
+        MLflow's compare view lines runs up), the resolved plan (`plan.*`), the fast-path switches as applied (`fast_path.*`), and the train/eval data as dataset
         inputs."""
         if not self.tracker.enabled:
             return
         self.tracker.log_params({**cfg.to_dict(), "data": data_stats, "precision": precision,
-                                 **({"plan": plan} if plan else {})})
+                                 **({"plan": plan} if plan else {}), **({"fast_path": fast_path} if fast_path else {})})
         for dataset in dataset_inputs(cfg, data_stats):
             self.tracker.log_dataset(dataset)
 

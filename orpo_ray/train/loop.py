@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from orpo_ray.config import Config, config_from_dict
 from orpo_ray.console import progress_interval
+from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.forward.layouts import make_collate, make_token_stats
 from orpo_ray.forward.logprobs import nll_target_mask, policy_forward
 from orpo_ray.modeling import (
@@ -64,6 +65,9 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.to(runtime.device)
     trainable, total = parameter_counts(model)
+    # Switches this model cannot take are turned off here, for training and evaluation alike (never silently).
+    fast_path = resolve_fast_path(model, cfg)
+    cfg = fast_path.apply(cfg)
 
     # ---- data: every rank gets the same number of micro-batches per epoch ------------------------
     data_stats = runtime.setup_data(cfg, tokenizer)
@@ -117,7 +121,9 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
               f" | precision {precision} ({precision_reason}) "
               f"| {objective} | {data_stats} | {total_steps} steps of {global_batch} pairs"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
-        tracker.log_start(cfg, data_stats, precision, plan)
+        for line in fast_path.lines():
+            print(line, flush=True)
+        tracker.log_start(cfg, data_stats, precision, plan, fast_path.record())
 
     # ---- the loop ------------------------------------------------------------------------------
     micro_iter = _micro_batches(runtime, start_micro=start_step * t.gradient_accumulation_steps)
@@ -211,6 +217,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         "quarantined": data_stats["quarantined"],
         "data": data_stats,
         "precision": precision,
+        "fast_path": fast_path.record(),
         "world_size": runtime.world_size,
         "plan": plan,
         "parameters": {"trainable": trainable, "total": total},

@@ -20,8 +20,8 @@ SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.
          "train.precision=fp32", "train.progress_bar=false", "tracking.enabled=false", "export.save_model=false",
          "scaling.num_workers=2", "train.per_device_batch_size=4", "deepspeed.enabled=true", "deepspeed.zero_stage=2",
          "orpo.nll_on_prompt=true"]
-FAST = ["efficiency.chunked_lm_head=true", "efficiency.lm_head_chunk_size=16", "efficiency.prefix_sharing=true",
-        "efficiency.packing=true"]
+FAST = ["efficiency.lm_head_chunk_size=16"]  # the defaults: every switch on
+PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", "efficiency.packing=false"]
 
 
 def _losses(out: Path) -> list[float]:
@@ -30,11 +30,12 @@ def _losses(out: Path) -> list[float]:
 
 def test_speedups_under_ray_deepspeed_zero2_two_workers(_ray_local_session, tmp_path):
     runs = {}
-    for name, extra in (("plain", []), ("fast", FAST)):
+    for name, extra in (("plain", PLAIN), ("fast", FAST)):
         cfg = load_config(ROOT / "configs" / "demo.yaml",
                           [*SMALL, f"output_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}", *extra])
         runs[name] = run_training(cfg)
     assert runs["fast"]["world_size"] == 2
+    assert runs["fast"]["fast_path"] == dict.fromkeys(("chunked_lm_head", "prefix_sharing", "packing"), "on")
     assert runs["fast"]["tokens_per_second"] > 0 and runs["fast"]["pairs_per_second"] > 0
     plain, fast = _losses(tmp_path / "plain"), _losses(tmp_path / "fast")
     assert len(plain) == len(fast) == 4 and len(set(plain)) > 1

@@ -14,7 +14,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 
 from orpo_ray.config import ConfigError, load_config
 from orpo_ray.data.prepare import prepare_data, save_quarantine

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from orpo_ray.forward.chunked_lm_head import chunked_target_logps
+from orpo_ray.forward.chunked_lm_head import LmHead, chunked_target_logps
 from orpo_ray.config import Config, EfficiencySection, ModelSection, OrpoSection, TinyModelSection
 from orpo_ray.forward.layouts import make_collate, make_token_stats
 from orpo_ray.forward.logprobs import policy_forward
@@ -39,13 +39,13 @@ def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precisio
     return metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False)
 SWITCHES = {
-    "chunked": EfficiencySection(chunked_lm_head=True, lm_head_chunk_size=5),
-    "prefix": EfficiencySection(prefix_sharing=True),
-    "packing": EfficiencySection(packing=True, pack_length=64),
-    "prefix+packing-to-longest": EfficiencySection(prefix_sharing=True, packing=True),
-    "prefix+packing+chunked": EfficiencySection(prefix_sharing=True, packing=True, chunked_lm_head=True,
-                                                lm_head_chunk_size=7, pack_length=64),
+    "chunked": dataclasses.replace(PLAIN, chunked_lm_head=True, lm_head_chunk_size=5),
+    "prefix": dataclasses.replace(PLAIN, prefix_sharing=True),
+    "packing": dataclasses.replace(PLAIN, packing=True, pack_length=64),
+    "prefix+packing-to-longest": dataclasses.replace(PLAIN, prefix_sharing=True, packing=True),
+    "prefix+packing+chunked": EfficiencySection(lm_head_chunk_size=7, pack_length=64),  # the defaults: all on
 }
 
 
@@ -53,7 +53,7 @@ SWITCHES = {
 @pytest.mark.parametrize("name", list(SWITCHES))
 def test_switch_matches_plain_path_fp32(name, nll_on_prompt):
     model, rows = build_tiny_model(MODEL_CFG, TOK), _rows()
-    ref_m, ref_g = _loss_and_grads(model, EfficiencySection(), rows, nll_on_prompt)
+    ref_m, ref_g = _loss_and_grads(model, PLAIN, rows, nll_on_prompt)
     m, g = _loss_and_grads(model, SWITCHES[name], rows, nll_on_prompt)
     for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
         torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-5, msg=k)
@@ -64,8 +64,8 @@ def test_switch_matches_plain_path_fp32(name, nll_on_prompt):
 @pytest.mark.parametrize("name", ["plain", "prefix+packing+chunked"])
 def test_bf16_autocast_matches_fp32_within_bf16_tolerance(name):
     model, rows = build_tiny_model(MODEL_CFG, TOK), _rows(seed=1)
-    ref_m, ref_g = _loss_and_grads(model, EfficiencySection(), rows, True, "fp32")
-    m, g = _loss_and_grads(model, SWITCHES.get(name, EfficiencySection()), rows, True, "bf16")
+    ref_m, ref_g = _loss_and_grads(model, PLAIN, rows, True, "fp32")
+    m, g = _loss_and_grads(model, SWITCHES.get(name, PLAIN), rows, True, "bf16")
     torch.testing.assert_close(m["loss"], ref_m["loss"], rtol=1e-2, atol=1e-2)
     for n in ref_g:  # bf16 has an 8-bit mantissa: compare gradient directions and norms
         cos = torch.nn.functional.cosine_similarity(g[n].flatten(), ref_g[n].flatten(), dim=0)
@@ -83,6 +83,22 @@ def test_chunked_lm_head_gradcheck_fp64():
     torch.testing.assert_close(logps, ref)
     torch.testing.assert_close(sums, (hidden @ weight.T).sum(-1).detach())
     assert torch.autograd.gradcheck(lambda h, w: chunked_target_logps(h, w, targets, 3)[0], (hidden, weight))
+
+
+def test_chunked_lm_head_with_bias_scaling_and_softcap_gradcheck_fp64():
+    """Phi-2's bias, Cohere/Granite's logit scaling and Gemma's final soft-cap, against autograd's reference."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    head = lambda w, b: LmHead(w, b, multiplier=1.5, divisor=4.0, softcap=0.7)  # noqa: E731
+    logits = torch.tanh((hidden @ weight.T + bias) * 1.5 / 4.0 / 0.7) * 0.7
+    logps, sums = chunked_target_logps(hidden, head(weight, bias), targets, 3)
+    torch.testing.assert_close(logps, torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1))
+    torch.testing.assert_close(sums, logits.sum(-1).detach())
+    assert torch.autograd.gradcheck(lambda h, w, b: chunked_target_logps(h, head(w, b), targets, 3)[0],
+                                    (hidden, weight, bias))
 
 
 def test_block_mask_rejected_sees_prompt_not_chosen():

@@ -1,7 +1,6 @@
 """GPU-worker rules that can be checked without a GPU: worker environment, DeepSpeed accelerator and config,
 precision on CUDA."""
 
-import os
 
 import pytest
 import torch

@@ -1,8 +1,6 @@
 """`orpo-ray plan`: the resolved run and its per-worker memory estimate (DeepSpeed's estimators + activations)."""
 
-import json
-
-import pytest
+import os
 
 from orpo_ray.commands.plan import meta_model, run_plan
 from orpo_ray.config import load_config
@@ -13,7 +11,8 @@ SHAPE = {"hidden": 8, "kv_hidden": 4, "intermediate": 16, "layers": 2, "heads": 
 
 
 def test_activation_bytes_by_hand():
-    cfg = load_config(None, ["train.per_device_batch_size=3", "data.max_length=5", "data.max_prompt_length=2"])
+    cfg = load_config(None, ["train.per_device_batch_size=3", "data.max_length=5", "data.max_prompt_length=2",
+                             "efficiency.chunked_lm_head=false"])
     # 2 x 3 rows x 5 tokens = 30 tokens; per token and layer 4 B x (10*8 + 4*4 + 4*16) = 640 B; 2 layers.
     # Full lm-head: fp32 logits + log-softmax copy = 2 x 4 B x 30 x 10.
     assert activation_bytes(cfg, SHAPE, "fp32") == {"layers": 30 * 2 * 640, "lm_head": 2 * 4 * 30 * 10, "tokens": 30}
@@ -55,5 +54,6 @@ def test_plan_of_a_model_directory_counts_parameters_without_loading_weights(tmp
     plan = run_plan(cfg)
     # embed 100x64 + lm_head 64x100 + norm 64 + 2 layers x (q 64x64, k,v 64x32, o 64x64, mlp 3x64x128, 2 norms x 64)
     assert plan["parameters"]["total"] == 2 * 6400 + 64 + 2 * (2 * 4096 + 2 * 2048 + 3 * 8192 + 128)
-    assert plan["backend"] == "nccl" and plan["resources_per_worker"] == {"CPU": 1, "GPU": 1}
+    # cpus_per_worker: auto, no cluster address -> a local instance: this machine's cores for the one worker
+    assert plan["backend"] == "nccl" and plan["resources_per_worker"] == {"CPU": os.cpu_count(), "GPU": 1}
     assert "[orpo-ray] plan: memory per worker" in capsys.readouterr().out

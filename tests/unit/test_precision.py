@@ -46,7 +46,6 @@ def test_hardware_summary_names_the_cpu():
 
 
 def _onednn_capacity_after_import(env: dict) -> str:
-    import os
     import subprocess
     import sys
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -108,3 +109,48 @@ def test_fingerprint_changes_with_settings_and_file_contents(tmp_path):
     assert fingerprint(cfg_for(tmp_path, f"data.train_path={path}", "data.drop_identical_pairs=true"), TOK) != key
     jsonl(path, [PAIR, PAIR])  # the file grew
     assert fingerprint(base, TOK) != key
+
+
+def test_fingerprint_tells_same_size_tokenizers_apart():
+    """Two tokenizers with the same vocabulary size but different vocabularies (or chat templates, or
+    special tokens) tokenize differently, so they must never share a cache."""
+    from tokenizers import Tokenizer, models
+
+    from orpo_ray.embedded_tokenizer import CHAT_TEMPLATE
+    from transformers import PreTrainedTokenizerFast
+
+    def word_tokenizer(words):
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+            {w: i for i, w in enumerate(words)}, unk_token=words[0])), eos_token=words[1])
+        tok.chat_template = CHAT_TEMPLATE
+        return tok
+
+    cfg = cfg_for(Path("/nonexistent"), "data.train_path=/nonexistent/d.jsonl")
+    a, b = word_tokenizer(["<unk>", "</s>", "yes", "no"]), word_tokenizer(["<unk>", "</s>", "no", "yes"])
+    assert len(a) == len(b)
+    assert fingerprint(cfg, a) != fingerprint(cfg, b)
+    assert fingerprint(cfg, word_tokenizer(["<unk>", "</s>", "yes", "no"])) == fingerprint(cfg, a)
+    a.chat_template = "{{ messages[0]['content'] }}"
+    assert fingerprint(cfg, a) != fingerprint(cfg, word_tokenizer(["<unk>", "</s>", "yes", "no"]))
+    no_bos = build_byte_tokenizer()
+    no_bos.bos_token = None
+    assert fingerprint(cfg, no_bos) != fingerprint(cfg, TOK)
+
+
+def test_fingerprint_sees_a_file_rewritten_within_the_same_second(tmp_path):
+    path = tmp_path / "d.jsonl"
+    jsonl(path, [{"prompt": "Q?", "chosen": " yes", "rejected": " no"}])
+    cfg = cfg_for(tmp_path, f"data.train_path={path}")
+    second = 1_700_000_000 * 10**9
+    os.utime(path, ns=(second, second))
+    key, size = fingerprint(cfg, TOK), path.stat().st_size
+    jsonl(path, [{"prompt": "Q!", "chosen": " yes", "rejected": " no"}])  # same size
+    os.utime(path, ns=(second, second + 1000))  # 1 us later: the same whole second
+    assert path.stat().st_size == size
+    assert fingerprint(cfg, TOK) != key
+
+
+def test_data_chat_template_setting_is_part_of_the_key(tmp_path):
+    cfg = cfg_for(tmp_path, "data.train_path=x.jsonl")
+    assert fingerprint(cfg, TOK) != fingerprint(cfg_for(tmp_path, "data.train_path=x.jsonl",
+                                                        "data.chat_template=chatml"), TOK)

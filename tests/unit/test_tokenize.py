@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from orpo_ray.data.records import PreferencePair, pair_to_row
-from orpo_ray.data.tokenize import FLAG_COLUMNS, QUARANTINE_COLUMNS, TOKEN_COLUMNS, render_pair, tokenize_batch, tokenize_pair
+from orpo_ray.data.tokenize import FLAG_COLUMNS, QUARANTINE_COLUMNS, TOKEN_COLUMNS, render_pair, tokenize_batch, tokenize_pair, use_chat_template
+from transformers import AutoTokenizer
 
 from .conftest import BOS_ID as BOS, EOS_ID as EOS, make_tokenizer
 
@@ -106,9 +107,25 @@ def test_a_template_that_does_not_extend_the_prompt_is_an_error():
         render_pair(PreferencePair([USER], [GOOD], [BAD], "f.jsonl", 4), tok)
 
 
-def test_conversational_data_needs_a_chat_template():
-    with pytest.raises(ValueError, match="chat template"):
-        render_pair(PreferencePair([USER], [GOOD], [BAD], "f", 1), make_tokenizer(chat_template=None))
+def test_conversational_data_needs_a_chat_template(tmp_path):
+    """The error names the tokenizer's directory and the key that fixes it."""
+    make_tokenizer(chat_template=None).save_pretrained(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=rf"f row 1: .*tokenizer at {tmp_path / 'model'} has none; set data.chat_template"):
+        render_pair(PreferencePair([USER], [GOOD], [BAD], "f", 1), tok)
+
+
+def test_data_chat_template_a_built_in_name_or_a_file(tmp_path):
+    pair = PreferencePair([USER], [GOOD], [BAD], "f", 1)
+    tok = use_chat_template(make_tokenizer(chat_template=None), "chatml")
+    assert render_pair(pair, tok) == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                      "good<|im_end|>\n", "bad<|im_end|>\n")
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+                                      "{% if add_generation_prompt %}{% endif %}")
+    tok = use_chat_template(make_tokenizer(), str(tmp_path / "t.jinja"))  # overrides the tokenizer's own
+    assert render_pair(pair, tok) == ("[hi]", "[good]", "[bad]")
+    with pytest.raises(ValueError, match="data.chat_template='nope' is neither a file nor a built-in"):
+        use_chat_template(tok, "nope")
 
 
 # --------------------------------------------------------------------------------------- map_batches body

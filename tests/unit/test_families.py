@@ -1,0 +1,120 @@
+"""The family matrix: on every family the default (fast) path gives the plain path's first-step loss and
+gradients (fp32, rel 1e-5), or the switch that cannot do so falls back with its reason (forward/fast_path.py)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from orpo_ray.config import Config, EfficiencySection, OrpoSection
+from orpo_ray.forward.fast_path import resolve_fast_path
+from orpo_ray.forward.layouts import make_collate, make_token_stats
+from orpo_ray.forward.logprobs import policy_forward
+from orpo_ray.objectives.orpo import orpo_loss
+from orpo_ray.commands.families import FAMILIES, build_model
+
+PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False)
+BOS, EOS, PAD = 256, 257, 258
+
+
+def _rows(with_bos=True):
+    g = torch.Generator().manual_seed(0)
+    draw = lambda lo, hi: torch.randint(3, 250, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()  # noqa: E731
+    rows = [{"prompt_ids": [BOS] * with_bos + draw(2, 9), "chosen_ids": draw(1, 7) + [EOS],
+             "rejected_ids": draw(1, 7) + [EOS]} for _ in range(3)]
+    return rows
+
+
+def _cfg(eff=None):
+    cfg = dataclasses.replace(Config(), orpo=OrpoSection(beta=0.3, nll_on_prompt=True))
+    cfg.data.max_length = 32
+    return dataclasses.replace(cfg, efficiency=eff or EfficiencySection(lm_head_chunk_size=5))
+
+
+def _loss_and_grads(model, cfg, rows):
+    model.zero_grad()
+    batch = make_collate(cfg, PAD)(rows)
+    out = policy_forward(model, batch, cfg.orpo.nll_on_prompt, token_stats=make_token_stats(cfg, cfg.orpo.nll_on_prompt))
+    loss, metrics = orpo_loss(out, cfg.orpo.beta)
+    loss.backward()
+    return metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(model, cfg, rows):
+    ref_m, ref_g = _loss_and_grads(model, _cfg(PLAIN), rows)
+    m, g = _loss_and_grads(model, cfg, rows)
+    for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+        torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert g.keys() == ref_g.keys()
+    for n in ref_g:
+        torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_default_path_equals_plain_path_on_every_family(family):
+    model = build_model(family)
+    fast = resolve_fast_path(model, _cfg())
+    # Every family here has a head and attention the fast path reproduces (bias, scaling, soft-cap, tied).
+    assert fast.record() == dict.fromkeys(("chunked_lm_head", "prefix_sharing", "packing"), "on")
+    _assert_same(model, fast.apply(_cfg()), _rows(with_bos=family not in ("qwen2", "qwen3")))
+
+
+def test_eager_attention_gets_an_additive_mask():
+    """eager adds the 4-D mask to the scores: a bool mask there would mask nothing (it did, silently)."""
+    model = build_model("llama", attn_implementation="eager")
+    assert not resolve_fast_path(model, _cfg()).fallbacks
+    _assert_same(model, _cfg(), _rows())
+
+
+def test_a_head_not_derivable_from_the_config_falls_back_with_its_reason():
+    model = build_model("llama")
+    model.config.final_logit_softcapping = 2.0  # the config claims a soft-cap the model's forward never applies
+    fast = resolve_fast_path(model, _cfg())
+    assert set(fast.fallbacks) == {"chunked_lm_head", "prefix_sharing", "packing"}
+    assert "does not reproduce the model's own logits" in fast.fallbacks["chunked_lm_head"]
+    assert fast.lines()[0].startswith("[orpo-ray] efficiency.chunked_lm_head falls back to the plain path")
+    _assert_same(model, fast.apply(_cfg()), _rows())
+
+
+def test_sliding_window_shorter_than_max_length_turns_the_packed_layouts_off():
+    model = build_model("mistral")
+    model.config.sliding_window = 4
+    fast = resolve_fast_path(model, _cfg())
+    assert set(fast.fallbacks) == {"prefix_sharing", "packing"}
+    assert "sliding window (4 tokens) is shorter than data.max_length (32)" in fast.fallbacks["packing"]
+    assert fast.record()["chunked_lm_head"] == "on"
+    _assert_same(model, fast.apply(_cfg()), _rows())
+
+
+def test_attention_that_ignores_custom_masks_turns_the_packed_layouts_off():
+    """Like flash attention (not installable here): a registered kernel that never reads the mask."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def causal_only(module, q, k, v, attention_mask, **kw):
+        return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kw)
+
+    AttentionInterface.register("causal_only", causal_only)
+    model = build_model("llama", attn_implementation="causal_only")
+    fast = resolve_fast_path(model, _cfg())
+    assert set(fast.fallbacks) == {"prefix_sharing", "packing"}
+    assert "does not take a custom 4-D attention mask" in fast.fallbacks["packing"]
+
+
+def test_probe_leaves_rng_and_train_mode_alone():
+    model = build_model("gpt2").train()
+    state = torch.random.get_rng_state()
+    resolve_fast_path(model, _cfg())
+    assert torch.equal(state, torch.random.get_rng_state()) and model.training
+
+
+def test_moe_router_aux_loss_is_not_added():
+    """Qwen3-MoE with output_router_logits=True: the loss is ORPO on the logits alone (README: MoE)."""
+    model = build_model("qwen3_moe")
+    cfg, rows = _cfg(), _rows()
+    m, _ = _loss_and_grads(model, cfg, rows)
+    batch = make_collate(_cfg(PLAIN), PAD)(rows)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0  # the model does compute one
+    ref, _ = orpo_loss(policy_forward(model, batch, True), 0.3)
+    torch.testing.assert_close(m["loss"], ref.detach(), rtol=1e-5, atol=1e-6)
