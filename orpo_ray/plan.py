@@ -134,11 +134,26 @@ def model_shape(model: torch.nn.Module, attn_implementation: str, device: torch.
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return {"hidden": c.hidden_size, "kv_hidden": kv_heads * head_dim, "intermediate": c.intermediate_size,
+    # The MLP width has a name per family: intermediate_size (Llama-like, GPT-NeoX), ffn_dim (OPT), n_inner
+    # (GPT-2, where None means 4 x hidden).
+    intermediate = _first_config_value(c, ("intermediate_size", "ffn_dim", "n_inner")) or 4 * c.hidden_size
+    return {"hidden": c.hidden_size, "kv_hidden": kv_heads * head_dim, "intermediate": intermediate,
             "layers": c.num_hidden_layers, "heads": c.num_attention_heads, "vocab": c.vocab_size,
             "largest_layer_params": largest,
             # SDPA on CUDA runs flash / memory-efficient kernels; on CPU (and eager anywhere) it holds T x T scores.
             "dense_scores": attn_implementation == "eager" or torch.device(device).type != "cuda"}
+
+
+def _first_config_value(config, names: tuple[str, ...]):
+    """The first of `names` the config has a value for (transformers raises AttributeError for absent ones)."""
+    for name in names:
+        try:
+            value = getattr(config, name)
+        except AttributeError:
+            continue
+        if value is not None:
+            return value
+    return None
 
 
 def planned_cpus_per_worker(cfg: Config) -> int | str:

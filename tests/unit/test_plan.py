@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from orpo_ray.commands.plan import meta_model, run_plan
 from orpo_ray.config import load_config
 from orpo_ray.plan import GB, activation_bytes, resolve_plan
@@ -57,3 +59,16 @@ def test_plan_of_a_model_directory_counts_parameters_without_loading_weights(tmp
     # cpus_per_worker: auto, no cluster address -> a local instance: this machine's cores for the one worker
     assert plan["backend"] == "nccl" and plan["resources_per_worker"] == {"CPU": os.cpu_count(), "GPU": 1}
     assert "[orpo-ray] plan: memory per worker" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gpt_neox", "qwen3_moe"])
+def test_model_shape_reads_every_familys_mlp_width(family):
+    """Each family names its MLP width differently (intermediate_size, OPT's ffn_dim, GPT-2's n_inner = None ->
+    4 x hidden); the plan every run prints must read all of them (OPT and GPT-2 runs crashed on it)."""
+    from orpo_ray.commands.families import FAMILIES, build_model
+    from orpo_ray.plan import model_shape
+
+    shape = model_shape(build_model(family), "sdpa", "cpu")
+    c = FAMILIES[family]()
+    expected = {"opt": getattr(c, "ffn_dim", None), "gpt2": 4 * c.hidden_size}.get(family) or c.intermediate_size
+    assert shape["intermediate"] == expected and shape["layers"] == 2
