@@ -6,7 +6,7 @@ import pytest
 
 from orpo_ray.commands.plan import meta_model, run_plan
 from orpo_ray.config import load_config
-from orpo_ray.plan import GB, activation_bytes, resolve_plan
+from orpo_ray.plan import activation_bytes, resolve_plan
 
 SHAPE = {"hidden": 8, "kv_hidden": 4, "intermediate": 16, "layers": 2, "heads": 2, "vocab": 10,
          "largest_layer_params": 80, "dense_scores": False}
@@ -23,16 +23,6 @@ def test_activation_bytes_by_hand():
     chunked = load_config(None, ["train.per_device_batch_size=3", "data.max_length=5", "data.max_prompt_length=2",
                                  "efficiency.chunked_lm_head=true", "efficiency.lm_head_chunk_size=4"])
     assert activation_bytes(chunked, SHAPE, "fp32")["lm_head"] == 4 * 4 * 10
-
-
-def test_model_states_come_from_deepspeeds_estimator():
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    cfg = load_config(None, ["scaling.num_workers=8", "deepspeed.zero_stage=2"])
-    plan = resolve_plan(cfg, shape=SHAPE, trainable=10**9, total=10**9, use_deepspeed=True, device="cpu")
-    _, gpu = estimate_zero2_model_states_mem_needs(10**9, num_gpus_per_node=8, cpu_offload=False)
-    assert plan["memory_gb"]["model_states"] == round(gpu / GB, 3)
-    assert plan["engine"] == "DeepSpeed ZeRO-2" and plan["backend"] == "gloo" and plan["workers"] == 8
 
 
 def test_plan_warns_when_the_estimate_exceeds_the_workers_memory():
