@@ -259,6 +259,14 @@ class ScalingSection:
         None, "Shared storage for Ray Train checkpoints: a local/mounted directory (made absolute) or a URI Ray Train "
         "supports (s3://, gs://, file://, any pyarrow filesystem; passed as is); null means output_dir/ray.")
 
+    def resolved_cpus(self, one_node_cpus: int | None) -> int:
+        """cpus_per_worker with 'auto' resolved - the one rule the launcher, the plan and validation share:
+        `one_node_cpus` is the CPU count of a one-node Ray instance (split evenly across the workers), None
+        on a multi-node cluster or when it is not known yet (1 per worker)."""
+        if self.cpus_per_worker != "auto":
+            return self.cpus_per_worker
+        return 1 if one_node_cpus is None else max(1, one_node_cpus // self.num_workers)
+
 
 @dataclass
 class DeepSpeedSection:
@@ -366,8 +374,7 @@ class Config:
         for key, value in (("train.per_device_batch_size", t.per_device_batch_size),
                            ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                            ("train.log_interval", t.log_interval), ("scaling.num_workers", self.scaling.num_workers),
-                           ("scaling.cpus_per_worker", 1 if self.scaling.cpus_per_worker == "auto"
-                            else self.scaling.cpus_per_worker)):
+                           ("scaling.cpus_per_worker", self.scaling.resolved_cpus(None))):
             if value < 1:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
         if self.tracking.system_metrics_interval_s <= 0:

@@ -66,13 +66,9 @@ def ensure_ray(cfg: Config) -> None:
         try:
             ray.init(runtime_env={"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}",
                                                                 cfg.scaling.use_gpu)},
-                     num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * _explicit_cpus(cfg)))
+                     num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.resolved_cpus(None)))
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
-
-
-def _explicit_cpus(cfg: Config) -> int:
-    return 1 if cfg.scaling.cpus_per_worker == "auto" else cfg.scaling.cpus_per_worker
 
 
 def cpus_per_worker(cfg: Config) -> int:
@@ -85,9 +81,8 @@ def cpus_per_worker(cfg: Config) -> int:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) != 1:
-        return 1
-    return max(1, int(nodes[0].get("Resources", {}).get("CPU", 1)) // cfg.scaling.num_workers)
+    one_node_cpus = int(nodes[0].get("Resources", {}).get("CPU", 1)) if len(nodes) == 1 else None
+    return cfg.scaling.resolved_cpus(one_node_cpus)
 
 
 def _free_port() -> int:
