@@ -220,7 +220,13 @@ class EfficiencySection:
         True, "Encode each prompt once: one sequence [prompt | chosen | rejected] with a block attention mask."
     )
     packing: bool = _f(True, "Pack several pairs into one row (block-diagonal mask) so padding is not computed.")
-    pack_length: Optional[int] = _f(None, "Tokens per packed row; null means the longest segment of each batch.")
+    segment_attention: bool = _f(
+        True, "With prefix_sharing or packing: attention runs segment by segment (the model's own sdpa/eager on each "
+        "segment's slice, forward/segment_attention.py) instead of under one dense [L, L] block mask per row, so "
+        "row length costs nothing and a packed batch is one row without padding. Needs sdpa or eager attention.")
+    pack_length: Optional[int] = _f(
+        None, "Tokens per packed row; null means the whole batch in one row with segment_attention, else the longest "
+        "segment of each batch (a dense mask costs L^2 per row).")
 
 
 @dataclass

@@ -15,6 +15,7 @@ import os
 import torch
 
 from orpo_ray.config import Config
+from orpo_ray.forward.fast_path import SWITCHES
 from orpo_ray.precision import select_precision
 from orpo_ray.train.engine import estimate_model_states_bytes
 
@@ -78,7 +79,7 @@ def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_de
                   if use_deepspeed else "torch AdamW (in-process, no DeepSpeed)",
         "precision": f"{precision} ({reason})",
         "attention": cfg.model.attn_implementation,
-        "fast_path": {k: getattr(e, k) for k in ("chunked_lm_head", "prefix_sharing", "packing")},
+        "fast_path": {k: getattr(e, k) for k in SWITCHES},
         "data": {"train": d_source(cfg, "train"), "eval": d_source(cfg, "eval"),
                  "max_length": cfg.data.max_length},
         "parameters": {"trainable": trainable, "total": total},

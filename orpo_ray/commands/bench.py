@@ -35,7 +35,7 @@ import torch
 from orpo_ray.config import Config, config_from_dict, parse_override, set_dotted
 from orpo_ray.data.order import TrainingOrder
 from orpo_ray.objectives import build_objective
-from orpo_ray.precision import hardware_summary
+from orpo_ray.precision import cpu_has_fast_bf16, hardware_summary
 
 
 # ------------------------------------------------------------------------------------------ machine peak
@@ -276,6 +276,13 @@ def run_bench(cfg: Config) -> dict:
     timed_pairs = (cfg.train.max_steps - 1) * cfg.train.per_device_batch_size
     legs = []
     for leg in cfg.bench.legs:
+        slow_bf16 = leg.get("precision") == "bf16" and not cfg.scaling.use_gpu and not cpu_has_fast_bf16()
+        if slow_bf16:  # e.g. AVX2-only EPYCs: bf16 matmul runs 100-1000x slower than fp32; a leg would take hours
+            reason = (f"this CPU has no fast bf16 ({hardware['cpu_capability']}): the bf16 matmul ran at "
+                      f"{peak['bf16']:.0f} GFLOP/s vs fp32 {peak['fp32']:.0f}")
+            print(f"[bench] leg {leg['name']} skipped: {reason}", flush=True)
+            legs.append({"name": leg["name"], "kind": leg["kind"], "skipped": reason})
+            continue
         spec = {**leg, **{k: inputs[k] for k in ("model_dir", "train", "trl_train", "eval")},
                 "config": cfg.to_dict(), "work": str(work / leg["name"]), "precision": leg.get("precision", "fp32")}
         runs, error = run_leg(spec, work, cfg.bench.repeats)
@@ -340,7 +347,8 @@ def _table(report: dict) -> str:
     lines = [f"CPU: {report['hardware']['cpu']} | matmul peak fp32 {report['matmul_peak_gflops']['fp32']:.0f} / "
              f"bf16 {report['matmul_peak_gflops']['bf16']:.0f} GFLOP/s | {report['note']}",
              f"{'leg':24s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak RSS':>10s}  {'final loss':>10s}  {'GFLOP/s':>7s}"]
-    lines += [_row(r) if "error" not in r else f"{r['name']:24s} FAILED" for r in report["legs"]]
+    lines += [f"{r['name']:24s} FAILED" if "error" in r else f"{r['name']:24s} skipped: {r['skipped']}"
+              if "skipped" in r else _row(r) for r in report["legs"]]
     lines.append(json.dumps(report["ratios"], indent=1))
     return "\n".join(lines)
 

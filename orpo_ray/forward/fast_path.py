@@ -13,6 +13,10 @@ the plain path's numbers (``model(...).logits``), so before a run uses one it is
   plain path would), then a probe: two short pairs through the packed layout and the padded plain path, whose
   target log-probs must agree. Absolute position embeddings (GPT-2, OPT) pass: the packed layout gives every
   token the position it has in the padded layout.
+- ``segment_attention`` (only meaningful with a packed layout) runs the packed rows' attention segment by
+  segment through the model's own attention function, which must take the ``orpo_segments`` keyword from the
+  body's forward. The same probe with it on; if that fails but the dense block mask passes, only this switch
+  falls back.
 
 A fallback is one printed line per switch (`FastPath.lines`) and is recorded in results.json / MLflow params
 (`FastPath.record`). Tolerances: fp32 weights 1e-5 relative (the parity the unit tests hold the paths to);
@@ -32,7 +36,8 @@ from orpo_ray.forward.collate import collate_pairs
 from orpo_ray.forward.logprobs import full_logits_token_stats
 from orpo_ray.forward.packing import collate_packed, packed_token_stats
 
-SWITCHES = ("chunked_lm_head", "prefix_sharing", "packing")
+SWITCHES = ("chunked_lm_head", "prefix_sharing", "packing", "segment_attention")
+LAYOUTS = ("prefix_sharing", "packing")
 MASK_ATTENTION = ("sdpa", "eager")  # take a 4-D mask as-is (see packing.mask_for_attention)
 
 
@@ -49,7 +54,8 @@ class FastPath:
             cfg.efficiency, **{k: False for k in self.fallbacks}))
 
     def lines(self) -> list[str]:
-        return [f"[orpo-ray] efficiency.{k} falls back to the plain path for this run: {why}"
+        instead = lambda k: "the dense block mask" if k == "segment_attention" else "the plain path"  # noqa: E731
+        return [f"[orpo-ray] efficiency.{k} falls back to {instead(k)} for this run: {why}"
                 for k, why in self.fallbacks.items()]
 
     def record(self) -> dict[str, str]:
@@ -61,7 +67,10 @@ class FastPath:
 def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
     """Check every requested switch against `model` (a few tiny no-grad forwards; RNG untouched)."""
     e = cfg.efficiency
-    fast = FastPath({k: bool(getattr(e, k)) for k in SWITCHES})
+    requested = {k: bool(getattr(e, k)) for k in SWITCHES}
+    # Segment attention is a way to run the packed layouts: without one it has nothing to do (not a fallback).
+    requested["segment_attention"] &= any(requested[k] for k in LAYOUTS)
+    fast = FastPath(requested)
     wanted = [k for k, on in fast.requested.items() if on]
     if not wanted:
         return fast
@@ -71,17 +80,22 @@ def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
     try:
         with torch.no_grad():
             head_reason = _head_reason(inner)
-            layouts = [k for k in wanted if k != "chunked_lm_head"]
-            layout_reason = None
-            if layouts:
-                layout_reason = (f"it needs the model's body and head separately, and {head_reason}" if head_reason
-                                 else _layout_reason(inner, cfg))
+            reasons = {"chunked_lm_head": head_reason}
+            if any(k in wanted for k in LAYOUTS):
+                split = f"it needs the model's body and head separately, and {head_reason}" if head_reason else None
+                segments = "segment_attention" in wanted
+                reasons["segment_attention"] = split or (_layout_reason(inner, cfg, segments=True) if segments
+                                                         else None)
+                layout = split or (_layout_reason(inner, cfg, segments=False)
+                                   if not segments or reasons["segment_attention"] else None)
+                reasons.update({k: layout for k in LAYOUTS})
+                if layout:  # no packed layout: segment attention has nothing to run on
+                    reasons["segment_attention"] = layout
     finally:
         inner.train(was_training)
     for k in wanted:
-        reason = head_reason if k == "chunked_lm_head" else layout_reason
-        if reason:
-            fast.fallbacks[k] = reason
+        if reasons.get(k):
+            fast.fallbacks[k] = reasons[k]
     return fast
 
 
@@ -126,8 +140,9 @@ def sliding_window(config) -> int | None:
     return int(window)
 
 
-def _layout_reason(model: torch.nn.Module, cfg: Config) -> str | None:
-    """None when the packed / prefix-shared layout gives the padded plain path's log-probs; else why not."""
+def _layout_reason(model: torch.nn.Module, cfg: Config, segments: bool) -> str | None:
+    """None when the packed / prefix-shared layout (attention per segment or under the dense block mask) gives
+    the padded plain path's log-probs; else why not."""
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in MASK_ATTENTION:
         return f"attn_implementation={impl!r} does not take a custom 4-D attention mask as-is"
@@ -141,17 +156,19 @@ def _layout_reason(model: torch.nn.Module, cfg: Config) -> str | None:
              "rejected_ids": _probe_ids(vocab, r, salt + 2)} for salt, (p, c, r) in enumerate([(4, 3, 2), (2, 2, 4)])]
     padded = collate_pairs(rows, pad_token_id=0)
     packed = collate_packed(rows, pad_token_id=0, prefix_sharing=e.prefix_sharing,
-                            pack_length="longest" if e.packing else None)
+                            pack_length=("all" if segments else "longest") if e.packing else None)
     device = model.get_output_embeddings().weight.device
     to = lambda b: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}  # noqa: E731
     try:
         ref = full_logits_token_stats(model, to(padded)).logps.flatten()
-        ours = packed_token_stats(model, to(packed), nll_on_prompt=True, chunk=None).logps.flatten()
+        ours = packed_token_stats(model, to(packed), nll_on_prompt=True, chunk=None, segments=segments).logps.flatten()
     except Exception as exc:  # noqa: BLE001
-        return f"its body does not run the packed layout ({type(exc).__name__}: {exc})"
+        how = "attention per segment" if segments else "the packed layout"
+        return f"its body does not run {how} ({type(exc).__name__}: {exc})"
     dst = packed["target_dst"].to(device)
     err = _relative_error(ours[dst], ref[dst])
     if err > _tolerance(model):
-        return (f"with the block mask and restarted position ids its log-probs differ from the padded layout's "
+        how = "attention per segment" if segments else "the block mask"
+        return (f"with {how} and restarted position ids its log-probs differ from the padded layout's "
                 f"(relative error {err:.1e})")
     return None

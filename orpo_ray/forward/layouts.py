@@ -3,6 +3,7 @@
 One place that maps the switches to functions, so the training loop, evaluation and the benchmark agree:
 
     prefix_sharing / packing  -> ``packing.collate_packed`` + ``packing.packed_token_stats``
+      + segment_attention     -> attention per segment (``segment_attention``), one row per batch
     chunked_lm_head only      -> ``collate.collate_pairs`` + ``chunked_lm_head.chunked_padded_token_stats``
     nothing                   -> ``collate.collate_pairs`` + ``logprobs.full_logits_token_stats``
 
@@ -30,9 +31,10 @@ def make_collate(cfg: Config, pad_token_id: int) -> Callable[[object], dict]:
     e = cfg.efficiency
     if not uses_packed_layout(cfg):
         return partial(collate_pairs, pad_token_id=pad_token_id)
-    # pack_length null: rows as long as the batch's longest segment (attention is dense per row, so a row
-    # much longer than its segments would spend L^2 work on masked-out blocks).
-    pack_length = (e.pack_length or "longest") if e.packing else None
+    # pack_length null: with segment attention the whole batch in one row (no padding at all; attention never
+    # spans segments); under a dense block mask rows as long as the batch's longest segment (a row much longer
+    # than its segments would spend L^2 work on masked-out blocks).
+    pack_length = (e.pack_length or ("all" if e.segment_attention else "longest")) if e.packing else None
     return partial(collate_packed, pad_token_id=pad_token_id, prefix_sharing=e.prefix_sharing,
                    pack_length=pack_length)
 
@@ -46,7 +48,7 @@ def make_token_stats(cfg: Config, nll_on_prompt: bool) -> TokenStatsFn:
     e = cfg.efficiency
     chunk = e.lm_head_chunk_size if e.chunked_lm_head else None
     if uses_packed_layout(cfg):
-        return partial(packed_token_stats, nll_on_prompt=nll_on_prompt, chunk=chunk)
+        return partial(packed_token_stats, nll_on_prompt=nll_on_prompt, chunk=chunk, segments=e.segment_attention)
     if chunk is not None:
         return partial(chunked_padded_token_stats, nll_on_prompt=nll_on_prompt, chunk=chunk)
     return full_logits_token_stats

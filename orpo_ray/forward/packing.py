@@ -27,6 +27,7 @@ from torch import Tensor
 from orpo_ray.forward.chunked_lm_head import causal_lm_parts, stats_from_targets
 from orpo_ray.forward.collate import collate_pairs, pair_rows
 from orpo_ray.forward.logprobs import TokenStats
+from orpo_ray.forward.segment_attention import segment_attention
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment", "packed_branch",
                "target_src", "target_ids", "target_dst", "target_is_prompt")
@@ -68,15 +69,16 @@ def collate_packed(batch, pad_token_id: int, prefix_sharing: bool = True,
                    pack_length: int | str | None = None) -> dict:
     """The padded batch of ``collate.collate_pairs`` plus the packed/prefix-shared layout described above.
 
-    pack_length: tokens per row when packing; ``"longest"`` uses the longest segment of this batch; ``None``
-        puts one pair (or one sequence) per row.
+    pack_length: tokens per row when packing; ``"longest"`` uses the longest segment of this batch; ``"all"``
+        puts every segment into one row without padding (for `segment_attention`, where row length costs
+        nothing); ``None`` puts one pair (or one sequence) per row.
     """
     rows = pair_rows(batch)
     padded = collate_pairs(batch, pad_token_id)
     b, t = padded["input_ids"].shape[0] // 2, padded["input_ids"].shape[1]
     segs = _segments(rows, prefix_sharing)
     longest = max(len(s[1]) for s in segs)
-    pack_length = longest if pack_length == "longest" else pack_length
+    pack_length = {"longest": longest, "all": sum(len(s[1]) for s in segs)}.get(pack_length, pack_length)
     layout = _assign_rows([len(s[1]) for s in segs], pack_length)
     width = pack_length or longest
     r = len(layout)
@@ -146,14 +148,21 @@ def mask_for_attention(mask: Tensor, body: torch.nn.Module) -> Tensor:
 
 
 def packed_token_stats(
-    model: torch.nn.Module, batch: Mapping[str, Tensor], nll_on_prompt: bool, chunk: int | None
+    model: torch.nn.Module, batch: Mapping[str, Tensor], nll_on_prompt: bool, chunk: int | None,
+    segments: bool = False,
 ) -> TokenStats:
     """``TokenStatsFn`` for ``collate_packed`` batches: one body pass over the packed rows, then the lm-head
-    on the target positions (chunked unless ``chunk`` is None), scattered into the padded [2B, T] layout."""
+    on the target positions (chunked unless ``chunk`` is None), scattered into the padded [2B, T] layout.
+
+    segments: attention segment by segment (`segment_attention`) instead of under the dense block mask."""
     body, head = causal_lm_parts(model)
-    mask = mask_for_attention(block_attention_mask(batch["packed_segment"], batch["packed_branch"]), body)
-    hidden = body(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
-                  attention_mask=mask, use_cache=False).last_hidden_state
+    inputs = {"input_ids": batch["packed_input_ids"], "position_ids": batch["packed_position_ids"], "use_cache": False}
+    if segments:
+        with segment_attention(body, batch["packed_segment"], batch["packed_branch"]) as extra:
+            hidden = body(**inputs, **extra).last_hidden_state
+    else:
+        mask = mask_for_attention(block_attention_mask(batch["packed_segment"], batch["packed_branch"]), body)
+        hidden = body(**inputs, attention_mask=mask).last_hidden_state
     keep = slice(None) if nll_on_prompt else ~batch["target_is_prompt"]
     src, ids, dst = (batch[k][keep] for k in ("target_src", "target_ids", "target_dst"))
     shape = tuple(batch["input_ids"].shape)

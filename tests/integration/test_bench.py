@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HH = ROOT.parent / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 LEGS = ("[{name: trl-fp32, kind: trl, precision: fp32}, {name: orpo-plain-fp32, kind: orpo, precision: fp32},"
         " {name: orpo-all-fp32, kind: orpo, precision: fp32, overrides: [efficiency.chunked_lm_head=true,"
-        " efficiency.prefix_sharing=true, efficiency.packing=true]}]")
+        " efficiency.prefix_sharing=true, efficiency.packing=true, efficiency.segment_attention=true]}]")
 TOLERANCE = 1e-6  # README: "equal" - relative difference of every step's loss below this
 
 
@@ -27,6 +27,7 @@ def test_bench_fp32_losses_equal_trl(tmp_path):
                  "model.tiny.num_hidden_layers=2", "model.tiny.num_attention_heads=2", "model.tiny.intermediate_size=128",
                  "bench.vocab_size=512", "data.max_length=256", "data.max_prompt_length=128", "train.max_steps=4",
                  "train.per_device_batch_size=4", "efficiency.lm_head_chunk_size=64", "bench.matmul_size=128",
+                 "bench.pairs=clean",
                  f"bench.legs={LEGS}"]
     proc = subprocess.run([sys.executable, "-m", "orpo_ray.cli", "bench", "configs/bench/hh_tiny8k.yaml", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)

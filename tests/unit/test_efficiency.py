@@ -14,6 +14,7 @@ from orpo_ray.modeling import build_tiny_model
 from orpo_ray.forward.packing import block_attention_mask, collate_packed
 from orpo_ray.precision import autocast_context
 from orpo_ray.embedded_tokenizer import build_byte_tokenizer
+from tests.unit.gradients import assert_gradients_equal
 
 TOK = build_byte_tokenizer()
 MODEL_CFG = ModelSection(tiny=TinyModelSection(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -39,13 +40,17 @@ def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precisio
     return metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False)
+PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False, segment_attention=False)
 SWITCHES = {
     "chunked": dataclasses.replace(PLAIN, chunked_lm_head=True, lm_head_chunk_size=5),
     "prefix": dataclasses.replace(PLAIN, prefix_sharing=True),
     "packing": dataclasses.replace(PLAIN, packing=True, pack_length=64),
     "prefix+packing-to-longest": dataclasses.replace(PLAIN, prefix_sharing=True, packing=True),
-    "prefix+packing+chunked": EfficiencySection(lm_head_chunk_size=7, pack_length=64),  # the defaults: all on
+    "prefix+packing+segments": dataclasses.replace(PLAIN, prefix_sharing=True, packing=True, segment_attention=True),
+    "packing+segments": dataclasses.replace(PLAIN, packing=True, segment_attention=True),
+    "prefix+segments, a pair per row": dataclasses.replace(PLAIN, prefix_sharing=True, segment_attention=True),
+    "prefix+packing+chunked+segments, rows of 64": EfficiencySection(lm_head_chunk_size=7, pack_length=64),
+    "the defaults (all on, one row)": EfficiencySection(lm_head_chunk_size=7),
 }
 
 
@@ -57,11 +62,10 @@ def test_switch_matches_plain_path_fp32(name, nll_on_prompt):
     m, g = _loss_and_grads(model, SWITCHES[name], rows, nll_on_prompt)
     for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
         torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-5, msg=k)
-    for n in ref_g:
-        torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_gradients_equal(g, ref_g)
 
 
-@pytest.mark.parametrize("name", ["plain", "prefix+packing+chunked"])
+@pytest.mark.parametrize("name", ["plain", "the defaults (all on, one row)"])
 def test_bf16_autocast_matches_fp32_within_bf16_tolerance(name):
     model, rows = build_tiny_model(MODEL_CFG, TOK), _rows(seed=1)
     ref_m, ref_g = _loss_and_grads(model, PLAIN, rows, True, "fp32")

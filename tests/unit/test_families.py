@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from orpo_ray.config import Config, EfficiencySection, OrpoSection
-from orpo_ray.forward.fast_path import resolve_fast_path
+from orpo_ray.forward.fast_path import SWITCHES, resolve_fast_path
 from orpo_ray.forward.layouts import make_collate, make_token_stats
 from orpo_ray.forward.logprobs import policy_forward
 from orpo_ray.objectives.orpo import orpo_loss
 from orpo_ray.commands.families import FAMILIES, build_model
+from tests.unit.gradients import assert_gradients_equal
 
 PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False)
 BOS, EOS, PAD = 256, 257, 258
@@ -46,8 +47,7 @@ def _assert_same(model, cfg, rows):
     for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
         torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-6, msg=k)
     assert g.keys() == ref_g.keys()
-    for n in ref_g:
-        torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_gradients_equal(g, ref_g)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -55,7 +55,7 @@ def test_default_path_equals_plain_path_on_every_family(family):
     model = build_model(family)
     fast = resolve_fast_path(model, _cfg())
     # Every family here has a head and attention the fast path reproduces (bias, scaling, soft-cap, tied).
-    assert fast.record() == dict.fromkeys(("chunked_lm_head", "prefix_sharing", "packing"), "on")
+    assert fast.record() == dict.fromkeys(SWITCHES, "on")
     _assert_same(model, fast.apply(_cfg()), _rows(with_bos=family not in ("qwen2", "qwen3")))
 
 
@@ -70,7 +70,7 @@ def test_a_head_not_derivable_from_the_config_falls_back_with_its_reason():
     model = build_model("llama")
     model.config.final_logit_softcapping = 2.0  # the config claims a soft-cap the model's forward never applies
     fast = resolve_fast_path(model, _cfg())
-    assert set(fast.fallbacks) == {"chunked_lm_head", "prefix_sharing", "packing"}
+    assert set(fast.fallbacks) == set(SWITCHES)
     assert "does not reproduce the model's own logits" in fast.fallbacks["chunked_lm_head"]
     assert fast.lines()[0].startswith("[orpo-ray] efficiency.chunked_lm_head falls back to the plain path")
     _assert_same(model, fast.apply(_cfg()), _rows())
@@ -80,7 +80,7 @@ def test_sliding_window_shorter_than_max_length_turns_the_packed_layouts_off():
     model = build_model("mistral")
     model.config.sliding_window = 4
     fast = resolve_fast_path(model, _cfg())
-    assert set(fast.fallbacks) == {"prefix_sharing", "packing"}
+    assert set(fast.fallbacks) == {"prefix_sharing", "packing", "segment_attention"}
     assert "sliding window (4 tokens) is shorter than data.max_length (32)" in fast.fallbacks["packing"]
     assert fast.record()["chunked_lm_head"] == "on"
     _assert_same(model, fast.apply(_cfg()), _rows())
@@ -97,7 +97,7 @@ def test_attention_that_ignores_custom_masks_turns_the_packed_layouts_off():
     AttentionInterface.register("causal_only", causal_only)
     model = build_model("llama", attn_implementation="causal_only")
     fast = resolve_fast_path(model, _cfg())
-    assert set(fast.fallbacks) == {"prefix_sharing", "packing"}
+    assert set(fast.fallbacks) == {"prefix_sharing", "packing", "segment_attention"}
     assert "does not take a custom 4-D attention mask" in fast.fallbacks["packing"]
 
 

@@ -1,0 +1,132 @@
+"""Attention one segment at a time over packed rows: no [L, L] mask over a row, no work across segments.
+
+Why. Under one dense block mask (`packing.block_attention_mask`) attention over a packed row costs L^2 per head
+and holds an [R, 1, L, L] mask, although only sum(s_i^2) of those scores are allowed; and rows must stay short
+(the longest segment) so that waste stays bounded, which leaves padding in every row for the linear layers.
+Here each segment runs the model's *own* attention function (sdpa, or the model's eager function with its
+soft-cap, scaling and GQA handling) on its own slice of q, k, v. A purely causal segment (no prefix sharing)
+needs no mask at all under sdpa (its is_causal kernel); a prefix-shared segment [prompt | chosen | rejected]
+gets its own small [s, s] mask. Row length then costs nothing, so the whole batch goes into one row with no
+padding (`layouts.make_collate`).
+
+How it reaches the attention. transformers passes the model's extra forward keyword arguments down to every
+attention call, and looks the attention function up by ``config._attn_implementation`` at each call. For the
+one packed forward, `segment_attention` switches that name to `IMPLEMENTATION` (registered below) and the body
+gets ``orpo_segments=Segments(...)``; a name without a mask function makes transformers build no mask. A
+model that drops the keyword fails loudly here, and `fast_path` then falls back to the block mask.
+
+Pure module: torch and transformers only.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+SEGMENTS_KWARG = "orpo_segments"
+IMPLEMENTATION = "orpo_segments"
+BASES = ("sdpa", "eager")  # take a custom mask per call (flash kernels cannot take the prefix-shared mask)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Where each segment sits in the packed rows, and what the base attention needs for it."""
+
+    base: str                                # the model's own implementation: "sdpa" or "eager"
+    spans: tuple[tuple[int, int, int], ...]  # (row, start, end) of every segment, row by row in order
+    masks: tuple[Tensor | None, ...]         # per span: [1, 1, s, s] in the form `base` takes, or None (causal)
+
+
+def segment_spans(segment: Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each run of one segment id in ``segment`` [R, L] (-1 = padding, skipped)."""
+    seg = segment.detach().cpu()
+    flat = seg.flatten()
+    width = seg.shape[1]
+    # A run starts where the id changes or a row starts.
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::width] = True
+    begin = starts.nonzero().squeeze(-1).tolist()
+    end = begin[1:] + [flat.numel()]
+    ids = flat[begin].tolist() if begin else []
+    return [(b // width, b % width, b % width + (e - b)) for b, e, k in zip(begin, end, ids) if k >= 0]
+
+
+def build_segments(segment: Tensor, branch: Tensor, base: str, mask_dtype: torch.dtype) -> Segments:
+    """`Segments` for a ``collate_packed`` batch; ``mask_dtype``: the dtype of eager's additive masks."""
+    if base not in BASES:
+        raise ValueError(f"segment attention runs on {BASES} attention, not {base!r}")
+    spans = segment_spans(segment)
+    masks = []
+    for row, start, end in spans:
+        br = branch[row, start:end]
+        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=branch.device).tril_()
+        if bool((br == 0).all()):  # one sequence: plain causal attention
+            allowed = None if base == "sdpa" else causal
+        else:  # prompt (0) visible to all; a response branch sees only itself beyond the prompt
+            allowed = causal & ((br.unsqueeze(0) == 0) | (br.unsqueeze(0) == br.unsqueeze(1)))
+        if allowed is not None and base == "eager":  # eager *adds* the mask to the scores
+            allowed = torch.zeros(allowed.shape, dtype=mask_dtype, device=allowed.device).masked_fill_(
+                ~allowed, torch.finfo(mask_dtype).min)
+        masks.append(None if allowed is None else allowed[None, None])
+    return Segments(base, tuple(spans), tuple(masks))
+
+
+def _base_function(module: torch.nn.Module, base: str):
+    if base == "sdpa":
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    # transformers' eager attention is each model file's own function (soft-capping, scaling variants live there).
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise TypeError(f"{type(module).__name__}'s module has no eager_attention_forward to run per segment")
+    return fn
+
+
+def segmented_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
+    """The transformers attention-function contract (q, k, v: [B, heads, L, d] -> [B, L, heads, d]),
+    computed segment by segment; positions outside every segment (row padding) get zeros."""
+    segments: Segments | None = kwargs.pop(SEGMENTS_KWARG, None)
+    if segments is None:
+        raise RuntimeError(f"attention {IMPLEMENTATION!r} was called without {SEGMENTS_KWARG}=: the model did not "
+                           "pass its forward's keyword arguments to its attention")
+    base = _base_function(module, segments.base)
+    rows, length = query.shape[0], query.shape[2]
+    pieces: list[list[Tensor]] = [[] for _ in range(rows)]
+    filled = [0] * rows
+    for (row, start, end), mask in zip(segments.spans, segments.masks):
+        q, k, v = (t[row:row + 1, :, start:end] for t in (query, key, value))
+        out, _ = base(module, q, k, v, mask, **kwargs)
+        if start > filled[row]:
+            pieces[row].append(out.new_zeros(1, start - filled[row], *out.shape[2:]))
+        pieces[row].append(out)
+        filled[row] = end
+    template = pieces[next(r for r in range(rows) if pieces[r])][-1]
+    for row in range(rows):
+        if filled[row] < length:
+            pieces[row].append(template.new_zeros(1, length - filled[row], *template.shape[2:]))
+    return torch.cat([torch.cat(p, dim=1) for p in pieces], dim=0), None
+
+
+AttentionInterface.register(IMPLEMENTATION, segmented_attention_forward)
+
+
+@contextmanager
+def segment_attention(body: torch.nn.Module, segment: Tensor, branch: Tensor) -> Iterator[dict]:
+    """Run ``body`` segment by segment inside this block: yields the keyword arguments for its forward."""
+    config = body.config
+    base = config._attn_implementation
+    dtype = next(body.parameters()).dtype
+    segments = build_segments(segment, branch, base, dtype)
+    config._attn_implementation = IMPLEMENTATION
+    try:
+        yield {SEGMENTS_KWARG: segments}
+    finally:
+        config._attn_implementation = base

@@ -1,0 +1,71 @@
+"""Attention per segment (forward/segment_attention.py): the spans, the masks, no attention across segments or
+over a whole row, and the loud fallback when a model does not pass the segments through."""
+
+import dataclasses
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from orpo_ray.commands.families import build_model
+from orpo_ray.config import Config, EfficiencySection, OrpoSection
+from orpo_ray.forward.fast_path import resolve_fast_path
+from orpo_ray.forward.packing import block_attention_mask, collate_packed, packed_token_stats
+from orpo_ray.forward.segment_attention import build_segments, segment_spans
+
+ROWS = [{"prompt_ids": [256, 5, 6], "chosen_ids": [7, 8], "rejected_ids": [9, 10, 11]},
+        {"prompt_ids": [256, 12], "chosen_ids": [13], "rejected_ids": [14]}]
+
+
+def _cfg():
+    cfg = dataclasses.replace(Config(), orpo=OrpoSection(beta=0.3, nll_on_prompt=True))
+    cfg.data.max_length = 32
+    return dataclasses.replace(cfg, efficiency=EfficiencySection(lm_head_chunk_size=5))
+
+
+def test_spans_are_the_runs_of_each_segment_id_row_by_row_padding_skipped():
+    segment = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 3, -1, -1, -1]])
+    assert segment_spans(segment) == [(0, 0, 3), (0, 3, 5), (1, 0, 2), (1, 2, 3)]
+
+
+def test_a_prefix_shared_segment_gets_the_block_masks_diagonal_block_and_a_plain_one_none():
+    shared = collate_packed(ROWS, pad_token_id=0, prefix_sharing=True, pack_length="all")
+    segs = build_segments(shared["packed_segment"], shared["packed_branch"], "sdpa", torch.float32)
+    dense = block_attention_mask(shared["packed_segment"], shared["packed_branch"])[0, 0]
+    assert segs.spans == ((0, 0, 8), (0, 8, 12))
+    for (_, start, end), mask in zip(segs.spans, segs.masks):
+        assert torch.equal(mask[0, 0], dense[start:end, start:end])
+    # first pair: prompt 0-2, chosen 3-4, rejected 5-7: the rejected part sees the prompt, not the chosen part
+    assert segs.masks[0][0, 0, 5].tolist() == [True, True, True, False, False, True, False, False]
+    plain = collate_packed(ROWS, pad_token_id=0, prefix_sharing=False, pack_length="all")
+    assert build_segments(plain["packed_segment"], plain["packed_branch"], "sdpa", torch.float32).masks == (None,) * 4
+    eager = build_segments(plain["packed_segment"], plain["packed_branch"], "eager", torch.float32).masks[0][0, 0]
+    assert eager[0, 1] == torch.finfo(torch.float32).min and eager[1, 0] == 0  # eager adds its mask: causal floats
+
+
+def test_attention_runs_once_per_segment_and_layer_never_over_the_row(monkeypatch):
+    model = build_model("llama")
+    sdpa, lengths = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def recording(module, q, k, v, mask, **kw):
+        lengths.append(q.shape[2])
+        return sdpa(module, q, k, v, mask, **kw)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recording)
+    batch = collate_packed(ROWS, pad_token_id=0, prefix_sharing=True, pack_length="all")
+    packed_token_stats(model, batch, nll_on_prompt=True, chunk=None, segments=True)
+    assert sorted(lengths) == sorted([8, 4] * model.config.num_hidden_layers)
+    assert model.config._attn_implementation == "sdpa"  # restored after the packed forward
+
+
+def test_a_model_that_drops_the_segments_keyword_falls_back_to_the_block_mask_alone():
+    model = build_model("llama")
+    for layer in model.model.layers:  # an attention module that does not pass its keyword arguments on
+        forward = layer.self_attn.forward
+        layer.self_attn.forward = lambda *a, _f=forward, **kw: _f(*a, **{k: v for k, v in kw.items()
+                                                                       if k != "orpo_segments"})
+    fast = resolve_fast_path(model, _cfg())
+    assert set(fast.fallbacks) == {"segment_attention"}
+    assert "did not pass its forward's keyword arguments" in fast.fallbacks["segment_attention"]
+    assert fast.record()["packing"] == "on" and fast.record()["prefix_sharing"] == "on"
+    assert fast.lines() == ["[orpo-ray] efficiency.segment_attention falls back to the dense block mask for this run: "
+                            + fast.fallbacks["segment_attention"]]
