@@ -276,12 +276,22 @@ class ScalingSection:
 
 @dataclass
 class DeepSpeedSection:
-    enabled: bool = _f(True, "Use DeepSpeed under Ray Train (a plain torch optimizer is used when false).")
+    enabled: Union[bool, Literal["auto"]] = _f(
+        "auto", "Use DeepSpeed under Ray Train; false: torch AdamW, gradients averaged across workers. 'auto': DeepSpeed "
+        "when there is something to shard or offload (num_workers > 1, or an offload option), else torch AdamW - "
+        "ZeRO with one worker only copies gradients into its flat buffers, and importing deepspeed costs a worker "
+        "~125 MB.")
     zero_stage: int = _f(2, "ZeRO stage 0/1/2/3.")
     offload_optimizer: bool = _f(False, "ZeRO-Offload of optimizer state to CPU memory.")
     offload_param: bool = _f(False, "Offload parameters to CPU (ZeRO-3 only).")
     overlap_comm: bool = _f(False, "Overlap gradient reduction with backward (GPU only).")
     reduce_bucket_size: int = _f(50_000_000, "Elements per gradient-reduction bucket.")
+
+    def resolved(self, num_workers: int) -> bool:
+        """enabled with 'auto' resolved: the one rule the training loop and the plan share."""
+        if self.enabled != "auto":
+            return self.enabled
+        return num_workers > 1 or self.offload_optimizer or self.offload_param
 
 
 # ------------------------------------------------------------------------------------------ tracking

@@ -55,6 +55,12 @@ def worker_memory_bytes(cfg: Config, workers: int) -> tuple[int | None, str]:
     return ram // workers, f"this machine's RAM / {workers} worker(s)"
 
 
+def _torch_engine_line(cfg: Config, workers: int) -> str:
+    why = ("deepspeed.enabled: false" if cfg.deepspeed.enabled is False
+           else "one worker: nothing for ZeRO to shard (deepspeed.enabled: auto)")
+    return f"torch AdamW ({why}" + (", gradients averaged across workers)" if workers > 1 else ")")
+
+
 def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_deepspeed: bool,
                  device: torch.device | str, world_size: int | None = None) -> dict:
     """The run as it will execute. `shape`: see `model_shape`. `world_size`: the workers that actually run (1 for
@@ -76,7 +82,7 @@ def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_de
         "device": str(torch.device(device).type),
         "backend": "nccl" if s.use_gpu else "gloo",
         "engine": f"DeepSpeed ZeRO-{d.zero_stage}" + (" + optimizer offload" if d.offload_optimizer else "")
-                  if use_deepspeed else "torch AdamW (in-process, no DeepSpeed)",
+                  if use_deepspeed else _torch_engine_line(cfg, workers),
         "precision": f"{precision} ({reason})",
         "attention": cfg.model.attn_implementation,
         "fast_path": {k: getattr(e, k) for k in SWITCHES},

@@ -30,7 +30,7 @@ def run_plan(cfg: Config, *, local: bool = False) -> dict:
     trainable, total = parameter_counts(model)
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
     plan = resolve_plan(cfg, shape=model_shape(model, cfg.model.attn_implementation, device), trainable=trainable,
-                        total=total, use_deepspeed=cfg.deepspeed.enabled and not local, device=device)
+                        total=total, use_deepspeed=cfg.deepspeed.resolved(cfg.scaling.num_workers) and not local, device=device)
     print(format_plan(plan))
     print(json.dumps(plan, indent=1))
     return plan

@@ -17,7 +17,7 @@ same loss trajectory for the same seed (see tests/integration/test_engine_ray.py
 
 Usage (inside a Ray Train worker or a single process)::
 
-    engine = create_engine(model, use_deepspeed=cfg.deepspeed.enabled, lr=..., total_steps=...,
+    engine = create_engine(model, use_deepspeed=cfg.deepspeed.resolved(world_size), lr=..., total_steps=...,
                            grad_accum=..., micro_batch_size=..., ds_section=cfg.deepspeed.config)
     engine.load(ckpt_dir)                      # -> False when there is nothing to resume
     for batch in batches:
@@ -280,8 +280,27 @@ class Engine:
         pass
 
 
+def _average_gradients_across_ranks(params: list) -> None:
+    """Mean of every gradient over the process group's ranks (no-op without one or with one rank): one flat
+    all-reduce. A parameter without a gradient on some rank counts as zero there, as it would under ZeRO."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
 class TorchEngine(Engine):
-    """Plain single-process PyTorch implementation (no process group)."""
+    """Plain PyTorch: one process, or data-parallel ranks of an initialised process group (Ray Train's), whose
+    gradients it averages before clipping - what DeepSpeed's ZeRO does, so both engines train alike."""
 
     def __init__(
         self,
@@ -319,6 +338,7 @@ class TorchEngine(Engine):
         if not boundary:
             return
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        _average_gradients_across_ranks(params)
         if self.max_grad_norm and self.max_grad_norm > 0:
             self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         else:

@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     total_steps = t.total_steps(per_epoch)
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * runtime.world_size
 
-    use_deepspeed = cfg.deepspeed.enabled and runtime.supports_deepspeed
+    use_deepspeed = cfg.deepspeed.resolved(runtime.world_size) and runtime.supports_deepspeed
     engine = create_engine(
         model,
         use_deepspeed=use_deepspeed,

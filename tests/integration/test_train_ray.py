@@ -39,7 +39,9 @@ def runs(_ray_local_session, tmp_path_factory):
     start = time.perf_counter()
     one = train(base / "one", cache, "scaling.num_workers=1", "train.per_device_batch_size=8")
     print(f"1-worker fit: {time.perf_counter() - start:.1f} s")
-    return {"base": base, "cache": cache, "two": two, "one": one}
+    two_torch = train(base / "two_torch", cache, "scaling.num_workers=2", "train.per_device_batch_size=4",
+                      "deepspeed.enabled=false")
+    return {"base": base, "cache": cache, "two": two, "one": one, "two_torch": two_torch}
 
 
 def history(output_dir) -> dict[int, dict]:
@@ -68,9 +70,20 @@ def test_two_workers_follow_the_one_worker_trajectory(runs):
         assert runs["two"]["eval"][key] == pytest.approx(runs["one"]["eval"][key], rel=2e-5), key
 
 
+def test_two_workers_without_deepspeed_average_their_gradients(runs):
+    """deepspeed.enabled=false with 2 workers: the torch engine averages gradients over Ray Train's process group
+    (before, each rank trained on its own half of the batch and rank 0 exported its own model)."""
+    two_torch, one = history(runs["base"] / "two_torch"), history(runs["base"] / "one")
+    assert runs["two_torch"]["plan"]["engine"].startswith("torch AdamW (deepspeed.enabled: false, gradients averaged")
+    assert runs["one"]["plan"]["engine"].startswith("torch AdamW (one worker")  # deepspeed.enabled: auto
+    for key in ("loss", "nll_loss"):
+        torch.testing.assert_close(torch.tensor([two_torch[s][key] for s in range(1, 7)]),
+                                   torch.tensor([one[s][key] for s in range(1, 7)]), rtol=2e-5, atol=1e-6)
+
+
 def test_local_run_follows_the_one_worker_ray_trajectory(runs, tmp_path):
     """`orpo-ray train --local` (this process, plain torch engine) and the 1-worker Ray run (Ray Data cache,
-    DeepSpeed ZeRO-2) of the same config train on the same rows in the same order (data/order.py)."""
+    torch engine under deepspeed.enabled: auto) of the same config train on the same rows in the same order."""
     cfg = load_config(DEMO, [*TINY, f"output_dir={tmp_path / 'local'}", "scaling.num_workers=1",
                              "train.per_device_batch_size=8"])
     # The same data selection: the in-process rows are the Ray cache's rows, in the cache's order.

@@ -186,3 +186,4 @@ def test_torch_engine_does_not_import_deepspeed():
 
     _run(_engine(), 1)
     assert "deepspeed" not in sys.modules or os.environ.get("PYTEST_XDIST_WORKER")
+

@@ -62,3 +62,18 @@ def test_model_shape_reads_every_familys_mlp_width(family):
     c = FAMILIES[family]()
     expected = {"opt": getattr(c, "ffn_dim", None), "gpt2": 4 * c.hidden_size}.get(family) or c.intermediate_size
     assert shape["intermediate"] == expected and shape["layers"] == 2
+
+
+@pytest.mark.parametrize("overrides, workers, expected", [
+    ([], 1, False),                                        # auto, one worker: nothing to shard
+    ([], 2, True),                                         # auto, data-parallel: ZeRO-2
+    (["deepspeed.offload_optimizer=true"], 1, True),       # auto, offload needs DeepSpeed even on one worker
+    (["deepspeed.enabled=true"], 1, True),
+    (["deepspeed.enabled=false"], 4, False),
+])
+def test_deepspeed_auto_means_something_to_shard_or_offload(overrides, workers, expected):
+    cfg = load_config(None, [f"scaling.num_workers={workers}", *overrides])
+    assert cfg.deepspeed.resolved(workers) is expected
+    if not expected:  # (the DeepSpeed plans import deepspeed's estimator: tests/integration/test_plan_deepspeed.py)
+        plan = run_plan(cfg)
+        assert plan["engine"].startswith("torch AdamW (") and (("gradients averaged" in plan["engine"]) == (workers > 1))
