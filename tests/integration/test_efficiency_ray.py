@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from orpo_ray.forward.fast_path import SWITCHES
 from orpo_ray.config import load_config
 from orpo_ray.launch.trainer import run_training
 
@@ -35,7 +36,7 @@ def test_speedups_under_ray_deepspeed_zero2_two_workers(_ray_local_session, tmp_
                           [*SMALL, f"output_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}", *extra])
         runs[name] = run_training(cfg)
     assert runs["fast"]["world_size"] == 2
-    assert runs["fast"]["fast_path"] == dict.fromkeys(("chunked_lm_head", "prefix_sharing", "packing"), "on")
+    assert runs["fast"]["fast_path"] == dict.fromkeys(SWITCHES, "on")
     assert runs["fast"]["tokens_per_second"] > 0 and runs["fast"]["pairs_per_second"] > 0
     plain, fast = _losses(tmp_path / "plain"), _losses(tmp_path / "fast")
     assert len(plain) == len(fast) == 4 and len(set(plain)) > 1

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from orpo_ray.forward.fast_path import SWITCHES
 from orpo_ray.config import load_config
 from orpo_ray.train.loop import train_loop_per_worker
 from orpo_ray.commands.families import FAMILIES, save_family
@@ -36,7 +37,7 @@ def _train(tmp_path, model_dir, *extra):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_default_config_trains_every_family(family, family_dirs, tmp_path, capsys):
     results = _train(tmp_path, family_dirs[family])
-    assert results["fast_path"] == dict.fromkeys(("chunked_lm_head", "prefix_sharing", "packing"), "on")
+    assert results["fast_path"] == dict.fromkeys(SWITCHES, "on")
     for key in ("loss", "nll_loss", "log_odds_ratio", "rewards/accuracies", "grad_norm"):
         if key in results["train"]:
             assert math.isfinite(results["train"][key]), key
