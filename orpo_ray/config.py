@@ -227,6 +227,10 @@ class EfficiencySection:
     pack_length: Optional[int] = _f(
         None, "Tokens per packed row; null means the whole batch in one row with segment_attention, else the longest "
         "segment of each batch (a dense mask costs L^2 per row).")
+    lm_head: Literal["chunked", "liger"] = _f(
+        "chunked", "Kernel of the chunked lm-head: 'chunked' (the project's, any device) or 'liger' (Liger-Kernel's "
+        "fused linear cross-entropy, per-token; needs chunked_lm_head, scaling.use_gpu, CUDA and liger-kernel>=0.8.2 "
+        "on the workers: an error at load otherwise, never a silent swap).")
 
 
 @dataclass
@@ -407,6 +411,9 @@ class Config:
         if e.lm_head_chunk_size < 1 or (e.pack_length is not None and e.pack_length < 2 * d.max_length):
             raise ConfigError(f"{where}: efficiency.lm_head_chunk_size must be >= 1 and efficiency.pack_length "
                               f">= 2 * data.max_length ({2 * d.max_length}) so any pair fits one row")
+        if e.lm_head == "liger" and not (e.chunked_lm_head and self.scaling.use_gpu):
+            raise ConfigError(f"{where}: efficiency.lm_head=liger needs efficiency.chunked_lm_head=true and "
+                              "scaling.use_gpu=true (Liger's fused lm-head is a CUDA kernel for the chunked lm-head)")
         if is_uri(self.output_dir):
             raise ConfigError(f"{where}: output_dir must be a local (or mounted shared) directory, got {self.output_dir!r}: "
                               "results.json, the model export and the run lock are written with local file APIs. "

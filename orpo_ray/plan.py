@@ -85,7 +85,7 @@ def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_de
                   if use_deepspeed else _torch_engine_line(cfg, workers),
         "precision": f"{precision} ({reason})",
         "attention": cfg.model.attn_implementation,
-        "fast_path": {k: getattr(e, k) for k in SWITCHES},
+        "fast_path": {**{k: getattr(e, k) for k in SWITCHES}, "lm_head": e.lm_head},
         "data": {"train": d_source(cfg, "train"), "eval": d_source(cfg, "eval"),
                  "max_length": cfg.data.max_length},
         "parameters": {"trainable": trainable, "total": total},

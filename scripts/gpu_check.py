@@ -1,5 +1,6 @@
 """GPU check: CUDA-capable unit tests, fp32 log-probs under bf16 autocast, fast path == plain, and a short training
-of a ~100M-parameter random-init Llama (plain vs fast path, TRL's ORPOTrainer where importable), then ONE JSON
+of a ~100M-parameter random-init Llama (plain vs fast path, the fast path with Liger's fused lm-head where
+liger-kernel is importable, TRL's ORPOTrainer where importable), then ONE JSON
 summary on the last line of stdout (format: README, "GPU check").
 
     bash scripts/gpu_check.sh            # on a machine with one CUDA GPU (torch + transformers suffice)
@@ -24,12 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orpo_ray.forward.liger_lm_head import liger_problem  # noqa: E402 - after the path set-up above
+
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, no sparsity), matched against torch.cuda.get_device_name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
                     "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0}
 # Pure-torch unit tests that exercise the rules a GPU run depends on (they run on whatever device is present).
 UNIT_TESTS = ["tests/unit/test_gpu_rules.py", "tests/unit/test_logprobs.py", "tests/unit/test_loss.py",
-              "tests/unit/test_efficiency.py", "tests/unit/test_precision.py"]
+              "tests/unit/test_efficiency.py", "tests/unit/test_precision.py", "tests/unit/test_liger_lm_head.py"]
 MODELS = {  # ~99M parameters on GPU (14 layers x 7.1M + embeddings); a toy on CPU
     "cuda": {"hidden_size": 768, "num_hidden_layers": 14, "num_attention_heads": 12, "intermediate_size": 2048},
     "cpu": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 172},
@@ -37,6 +40,8 @@ MODELS = {  # ~99M parameters on GPU (14 layers x 7.1M + embeddings); a toy on C
 FAST = ["efficiency.chunked_lm_head=true", "efficiency.prefix_sharing=true", "efficiency.packing=true"]
 # The fast path is the default, so the plain leg names its switches off.
 PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", "efficiency.packing=false"]
+# The fast path with Liger-Kernel's fused linear cross-entropy as the lm-head (CUDA + liger-kernel >= 0.8.2).
+LIGER = FAST + ["efficiency.lm_head=liger", "scaling.use_gpu=true"]
 
 
 def peak_tflops(name: str, override: float | None) -> tuple[float | None, str]:
@@ -90,9 +95,13 @@ def numeric_checks(device: torch.device, summary: dict) -> None:
         "bf16_vs_fp32_loss_abs_diff": abs(float(bf16_loss - fp32_loss)),
         "fast_vs_plain_loss_abs_diff_fp32": abs(float(fast_loss - fp32_loss)),
     }
-    summary["checks"]["passed"] = (bf16.chosen_logps.dtype == torch.float32
-                                   and summary["checks"]["bf16_vs_fp32_loss_abs_diff"] < 5e-2
-                                   and summary["checks"]["fast_vs_plain_loss_abs_diff_fp32"] < 1e-4)
+    passed = (bf16.chosen_logps.dtype == torch.float32 and summary["checks"]["bf16_vs_fp32_loss_abs_diff"] < 5e-2
+              and summary["checks"]["fast_vs_plain_loss_abs_diff_fp32"] < 1e-4)
+    if liger_problem(device) is None:  # Liger's fused lm-head on the same batch: the chunked head's loss
+        _, liger_loss = loss(load_config(None, base + LIGER), "fp32")
+        summary["checks"]["liger_vs_chunked_loss_abs_diff_fp32"] = abs(float(liger_loss - fast_loss))
+        passed = passed and summary["checks"]["liger_vs_chunked_loss_abs_diff_fp32"] < 1e-5
+    summary["checks"]["passed"] = passed
 
 
 def training_legs(args, device: torch.device, summary: dict, work: Path) -> None:
@@ -116,6 +125,11 @@ def training_legs(args, device: torch.device, summary: dict, work: Path) -> None
     spec = {"config": cfg.to_dict(), "model_dir": str(work / "model"), "train": str(train), "trl_train": str(train),
             "eval": str(evals), "precision": precision}
     legs = [("orpo-plain", run_orpo_leg, PLAIN), ("orpo-fast", run_orpo_leg, FAST)]
+    liger_skip = liger_problem(device)
+    if liger_skip is None:
+        legs.append(("orpo-liger", run_orpo_leg, LIGER))
+    else:
+        summary["skipped"]["liger"] = liger_skip
     if importlib.util.find_spec("trl") is not None:
         legs.append(("trl", run_trl_leg, []))
     else:
@@ -142,6 +156,17 @@ def training_legs(args, device: torch.device, summary: dict, work: Path) -> None
         achieved = 6 * params * tokens_per_pair * leg["pairs_per_second"] if tokens_per_pair and leg["pairs_per_second"] else None
         leg["model_tflops"] = achieved / 1e12 if achieved else None
         leg["mfu"] = achieved / (peak * 1e12) if achieved and peak else None
+    if "orpo-liger" in summary["legs"]:
+        summary["liger_vs_chunked"] = compare_legs(summary["legs"]["orpo-liger"], summary["legs"]["orpo-fast"])
+
+
+def compare_legs(leg: dict, ref: dict) -> dict:
+    """`leg` relative to `ref`: speed and peak memory ratios, and how far apart their losses are."""
+    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+    return {"pairs_per_second_ratio": ratio(leg["pairs_per_second"], ref["pairs_per_second"]),
+            "peak_gpu_mem_ratio": ratio(leg["peak_gpu_mem_gb"], ref["peak_gpu_mem_gb"]),
+            "first_loss_abs_diff": abs(leg["first_loss"] - ref["first_loss"]),
+            "last_loss_abs_diff": abs(leg["last_loss"] - ref["last_loss"])}
 
 
 def main(argv=None) -> int:

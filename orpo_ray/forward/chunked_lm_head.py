@@ -23,7 +23,7 @@ Pure module: torch only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -188,6 +188,10 @@ def chunked_target_logps(hidden: Tensor, head: LmHead | Tensor, targets: Tensor,
                                        head.post)
 
 
+# (target hidden states [M, H], head, target ids [M]) -> (log-probs [M], detached logit row sums [M])
+TargetLogpsFn = Callable[[Tensor, LmHead, Tensor], tuple[Tensor, Tensor]]
+
+
 def stats_from_targets(
     hidden_flat: Tensor,
     head: LmHead,
@@ -195,14 +199,17 @@ def stats_from_targets(
     target_ids: Tensor,
     dst: Tensor,
     shape: tuple[int, int],
-    chunk: int | None,
+    chunk: int | None | TargetLogpsFn,
 ) -> TokenStats:
     """Per-target log-probs from ``hidden_flat[src]``, scattered to ``dst`` of a zero [2B, T] TokenStats.
 
     chunk: rows per lm-head chunk; ``None`` applies ``head`` to *every* row of ``hidden_flat`` at once (the
-    un-chunked variant, kept for the ablation: full logits, then the target rows are picked).
+    un-chunked variant, kept for the ablation: full logits, then the target rows are picked); or a function
+    with `chunked_target_logps`' contract less the chunk size (``liger_lm_head.liger_target_logps``).
     """
-    if chunk is None:
+    if callable(chunk):
+        logps, sums = chunk(hidden_flat.index_select(0, src), head, target_ids)
+    elif chunk is None:
         logits = head.logits(hidden_flat).index_select(0, src)
         logps = target_logps(logits, target_ids)
         sums = logits.detach().sum(-1, dtype=torch.promote_types(logits.dtype, torch.float32))

@@ -33,6 +33,7 @@ import torch
 from orpo_ray.config import Config
 from orpo_ray.forward.chunked_lm_head import causal_lm_parts, unwrap_causal_lm
 from orpo_ray.forward.collate import collate_pairs
+from orpo_ray.forward.liger_lm_head import require_liger
 from orpo_ray.forward.logprobs import full_logits_token_stats
 from orpo_ray.forward.packing import collate_packed, packed_token_stats
 
@@ -96,6 +97,8 @@ def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
     for k in wanted:
         if reasons.get(k):
             fast.fallbacks[k] = reasons[k]
+    if e.lm_head == "liger" and "chunked_lm_head" in wanted and not reasons.get("chunked_lm_head"):
+        require_liger(causal_lm_parts(inner)[1])  # asked for by name: an error here, never a silent swap
     return fast
 
 

@@ -5,6 +5,7 @@ One place that maps the switches to functions, so the training loop, evaluation 
     prefix_sharing / packing  -> ``packing.collate_packed`` + ``packing.packed_token_stats``
       + segment_attention     -> attention per segment (``segment_attention``), one row per batch
     chunked_lm_head only      -> ``collate.collate_pairs`` + ``chunked_lm_head.chunked_padded_token_stats``
+    (chunked_lm_head's target rows go through ``liger_lm_head.liger_target_logps`` with ``lm_head: liger``)
     nothing                   -> ``collate.collate_pairs`` + ``logprobs.full_logits_token_stats``
 
 Precision (bf16 autocast) is ``train.precision`` and applies on every path. Pure module: torch only.
@@ -18,6 +19,7 @@ from typing import Callable
 from orpo_ray.config import Config
 from orpo_ray.forward.chunked_lm_head import chunked_padded_token_stats
 from orpo_ray.forward.collate import collate_pairs
+from orpo_ray.forward.liger_lm_head import liger_target_logps
 from orpo_ray.forward.logprobs import TokenStatsFn, full_logits_token_stats
 from orpo_ray.forward.packing import collate_packed, packed_token_stats
 
@@ -47,6 +49,8 @@ def make_token_stats(cfg: Config, nll_on_prompt: bool) -> TokenStatsFn:
     """
     e = cfg.efficiency
     chunk = e.lm_head_chunk_size if e.chunked_lm_head else None
+    if e.chunked_lm_head and e.lm_head == "liger":  # Liger's fused kernel on the same target rows (GPU)
+        chunk = liger_target_logps
     if uses_packed_layout(cfg):
         return partial(packed_token_stats, nll_on_prompt=nll_on_prompt, chunk=chunk, segments=e.segment_attention)
     if chunk is not None:

@@ -18,7 +18,11 @@ def test_gpu_check_dry_run_on_cpu_prints_one_json_summary():
     assert summary["device"] == "cpu" and summary["passed"] is True
     assert summary["checks"]["bf16_logps_dtype"] == "torch.float32"
     assert summary["checks"]["fast_vs_plain_loss_abs_diff_fp32"] < 1e-4
-    assert summary["skipped"] == {"unit_tests": "--skip-unit-tests"} or "trl" in summary["skipped"]
+    assert set(summary["skipped"]) - {"trl"} == {"unit_tests", "liger"}, summary["skipped"]
+    assert summary["skipped"]["unit_tests"] == "--skip-unit-tests"
+    # Liger's fused lm-head leg says why it did not run (its kernels need CUDA), and adds no leg or comparison.
+    assert "CUDA GPU" in summary["skipped"]["liger"] and "orpo-liger" not in summary["legs"]
+    assert "liger_vs_chunked" not in summary and "liger_vs_chunked_loss_abs_diff_fp32" not in summary["checks"]
     for name in ("orpo-plain", "orpo-fast"):
         leg = summary["legs"][name]
         assert leg["pairs_per_second"] > 0 and leg["tokens_per_second"] > 0 and leg["model_tflops"] > 0
