@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,31 @@ def describe_run(cfg: Any) -> str:
     config's), λ and learning rate."""
     return cfg.tracking.run_name or (f"{Path(cfg.output_dir).name} λ={cfg.orpo.beta:g} "
                                      f"lr={cfg.train.learning_rate:.3g}")
+
+
+def plan_tags(plan: Mapping[str, Any], precision: str, objective: str,
+              fast_path: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The resolved run as MLflow tags a person filters the runs table on (``tags.`orpo.zero_stage` = '2'``):
+    the params hold the same facts, but as one long list per run; tags are what the UI's search and columns
+    are for. `fast_path`: the switches as applied (`FastPath.record`: on / off / fallback: why), else the
+    plan's requested ones."""
+    stage = re.search(r"ZeRO-(\d)", str(plan["engine"]))
+    applied = dict(fast_path) if fast_path else {k: "on" if v is True else "off" for k, v in plan["fast_path"].items()}
+    on = [k for k in ("chunked_lm_head", "prefix_sharing", "packing") if applied.get(k) == "on"]
+    fallbacks = [k for k, v in applied.items() if str(v).startswith("fallback")]
+    return {
+        "orpo.objective": objective,
+        "orpo.workers": str(plan["workers"]),
+        "orpo.device": str(plan["device"]),
+        "orpo.backend": str(plan["backend"]),
+        "orpo.engine": "deepspeed" if stage else "torch",
+        "orpo.zero_stage": stage.group(1) if stage else "none",
+        "orpo.precision": precision,
+        "orpo.attention": str(plan["attention"]),
+        "orpo.fast_path": "+".join(on) or "plain",
+        "orpo.lm_head": str(plan["fast_path"].get("lm_head", "chunked")) if "chunked_lm_head" in on else "full",
+        "orpo.fast_path_fallbacks": "+".join(fallbacks) or "none",
+    }
 
 
 class RunTracker:
@@ -48,12 +74,14 @@ class RunTracker:
     def log_start(self, cfg: Any, data_stats: Mapping[str, Any], precision: str,
                   plan: Mapping[str, Any] | None = None, fast_path: Mapping[str, Any] | None = None) -> None:
         """Config as flattened params (`orpo.beta`, `train.learning_rate`: the same keys in every run, so
-        MLflow's compare view lines runs up), the resolved plan (`plan.*`), the fast-path switches as applied (`fast_path.*`), and the train/eval data as dataset
-        inputs."""
+        MLflow's compare view lines runs up), the resolved plan (`plan.*`; and as `orpo.*` tags to filter on, see
+        `plan_tags`), the fast-path switches as applied (`fast_path.*`), and the train/eval data as dataset inputs."""
         if not self.tracker.enabled:
             return
         self.tracker.log_params({**cfg.to_dict(), "data": data_stats, "precision": precision,
                                  **({"plan": plan} if plan else {}), **({"fast_path": fast_path} if fast_path else {})})
+        if plan:
+            self.tracker.set_tags(plan_tags(plan, precision, cfg.objective, fast_path))
         for dataset in dataset_inputs(cfg, data_stats):
             self.tracker.log_dataset(dataset)
 

@@ -17,6 +17,7 @@ from orpo_ray.forward.chunked_lm_head import LmHead, chunked_target_logps
 from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.forward.layouts import make_token_stats
 from orpo_ray.modeling import build_tiny_model
+from orpo_ray.plan import format_plan, resolve_plan
 
 CPU = torch.device("cpu")
 
@@ -133,8 +134,6 @@ def test_liger_is_called_per_token_with_the_heads_bias_scale_and_softcap(monkeyp
 
 
 def test_the_plan_names_the_lm_head_kernel():
-    from orpo_ray.plan import format_plan, resolve_plan
-
     shape = {"hidden": 8, "kv_hidden": 4, "intermediate": 16, "layers": 2, "heads": 2, "vocab": 10,
              "largest_layer_params": 80, "dense_scores": False}
     cfg = load_config(None, ["efficiency.lm_head=liger", "scaling.use_gpu=true", "scaling.memory_per_worker_gb=8"])

@@ -8,9 +8,11 @@ import gzip
 import pytest
 
 from orpo_ray.config import ConfigError, load_config
+from orpo_ray.plan import resolve_plan
 from orpo_ray.tracking import BACKENDS, ExperimentTracker, RunTracker, Tracker, make_tracker
 from orpo_ray.tracking.datasets import dataset_inputs, source_digest
 from tests.unit.recording_tracker import RecordingTracker
+from tests.unit.test_plan import SHAPE
 
 
 @pytest.fixture
@@ -108,3 +110,19 @@ def test_dataset_digest_follows_content_and_selection(tmp_path):
 def test_system_metrics_interval_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match=r"tracking.system_metrics_interval_s must be > 0, got 0"):
         _cfg(tmp_path, "tracking.system_metrics_interval_s=0")
+
+
+def test_the_plan_becomes_filterable_tags_and_no_plan_sets_none(tmp_path, recording):
+    cfg = _cfg(tmp_path, "tracking.backend=recording", "efficiency.packing=false", "objective=simpo",
+               "train.precision=fp32")
+    plan = resolve_plan(cfg, shape=SHAPE, trainable=10, total=10, use_deepspeed=False, device="cpu")
+    run = RunTracker.for_worker(cfg, {}, is_main=True)
+    run.log_start(cfg, {"train_pairs": 1}, "fp32", plan)  # no applied record: the plan's requested switches
+    [(_, tags, _)] = run.tracker.named("tags")
+    assert tags == {"orpo.objective": "simpo", "orpo.workers": "1", "orpo.device": "cpu", "orpo.backend": "gloo",
+                    "orpo.engine": "torch", "orpo.zero_stage": "none", "orpo.precision": "fp32",
+                    "orpo.attention": "auto", "orpo.fast_path": "chunked_lm_head+prefix_sharing",
+                    "orpo.lm_head": "chunked", "orpo.fast_path_fallbacks": "none"}
+    rec = RecordingTracker()
+    RunTracker(rec).log_start(cfg, {"train_pairs": 1}, "fp32")
+    assert not rec.named("tags")
