@@ -15,6 +15,7 @@ from orpo_ray.console import VERBOSE_ENV, verbose
 # Exported NCCL settings (interface, InfiniBand, debug level) reach the GPU workers: NCCL reads them in the
 # worker process, and a cluster whose pods need NCCL_SOCKET_IFNAME set would otherwise hang at the first all-reduce.
 NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_")
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"  # ray.train.v2._internal.constants.ENABLE_PRINT_PATCH_ENV_VAR
 
 
 def worker_env(address: str | None = None, use_gpu: bool = False) -> dict:
@@ -26,8 +27,14 @@ def worker_env(address: str | None = None, use_gpu: bool = False) -> dict:
 
     DS_ACCELERATOR: with `scaling.use_gpu` it is "cuda" whatever the driver exported - a CPU head node's
     DS_ACCELERATOR=cpu must not make DeepSpeed on the GPU workers pick its CPU accelerator (gloo, no NCCL).
-    On CPU it is "cpu" unless the user exported another value."""
+    On CPU it is "cpu" unless the user exported another value.
+
+    RAY_TRAIN_ENABLE_PRINT_PATCH=0 (unless exported): Ray Train replaces a worker's `print` with one that writes
+    the line to stdout *and* logs it through the root logger, whose console handler writes it to stderr, as
+    soon as sys.stdout is wrapped (it always is in a Ray worker); Ray forwards both streams, so every line a
+    worker printed (the plan, the start-up line) reached the driver twice."""
     env = {"DS_ACCELERATOR": "cuda" if use_gpu else os.environ.get("DS_ACCELERATOR", "cpu")}
+    env[PRINT_PATCH_ENV] = os.environ.get(PRINT_PATCH_ENV, "0")
     env[ONEDNN_CACHE_ENV] = os.environ[ONEDNN_CACHE_ENV]  # from process start (see orpo_ray/__init__.py)
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_ray_torch_extensions"))

@@ -65,3 +65,13 @@ def test_bf16_autocast_targets_the_workers_device():
     ctx = autocast_context("bf16", "cuda")
     assert ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
     assert not autocast_context("fp32", "cuda")._enabled
+
+
+def test_ray_train_print_patch_is_off_on_workers_unless_exported(monkeypatch):
+    """Ray Train's print patch sends each printed line to stdout and (through the root logger) to stderr: the
+    driver showed every worker line twice. Off by default; a user who exports it keeps their value."""
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PRINT_PATCH", raising=False)
+    assert worker_env()["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    assert worker_env(use_gpu=True)["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")
+    assert worker_env()["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "1"

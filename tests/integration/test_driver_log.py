@@ -1,0 +1,36 @@
+"""What a person sees running `orpo-ray train CONFIG` through Ray (the `make demo` path): every line the
+Ray Train worker prints reaches the driver's console once (Ray Train's print patch used to send each one to
+stdout and stderr, and Ray forwarded both)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.ray_train_helpers import DEMO, TINY
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_print_patch_switch_is_ray_trains_own():
+    from ray.train.v2._internal.constants import ENABLE_PRINT_PATCH_ENV_VAR
+
+    from orpo_ray.launch.session import PRINT_PATCH_ENV
+
+    assert PRINT_PATCH_ENV == ENABLE_PRINT_PATCH_ENV_VAR
+
+
+def test_worker_lines_reach_the_driver_once(tmp_path):
+    cmd = [sys.executable, "-m", "orpo_ray.cli", "train", DEMO, *TINY, "train.max_steps=2",
+           f"output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    lines = [line for line in console.splitlines() if "[orpo-ray]" in line and "RayTrainWorker" in line]
+    plan = [line for line in lines if "[orpo-ray] plan: fast path" in line]
+    start = [line for line in lines if "2 steps of 16 pairs" in line]
+    assert len(plan) == 1 and len(start) == 1, "\n".join(lines)
+    assert len(lines) == len(set(lines)), "\n".join(lines)
