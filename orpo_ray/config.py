@@ -608,10 +608,18 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def template_path(setting: str | None) -> str | None:
+    """data.chat_template made absolute when it names a file here (built-in names and null stay as they are):
+    the Ray workers, which apply it to the tokenizer they export, run in another directory."""
+    if setting is None or is_uri(setting) or not Path(setting).expanduser().is_file():
+        return setting
+    return str(Path(setting).expanduser().resolve())
+
+
 def with_absolute_paths(cfg: Config) -> Config:
     """A copy whose local paths are absolute: Ray workers and Ray Data tasks run in other directories.
 
-    Leaves 'tiny', URIs (``scheme://``) and null alone.
+    Leaves 'tiny', URIs (``scheme://``), null and built-in chat template names alone.
     """
     def absolute(path: str | None) -> str | None:
         if path is None or path == "tiny" or is_uri(path):
@@ -624,6 +632,7 @@ def with_absolute_paths(cfg: Config) -> Config:
         model=dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
                                   tokenizer=absolute(cfg.model.tokenizer)),
         data=dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path),
-                                 eval_path=absolute(cfg.data.eval_path), cache_dir=absolute(cfg.data.cache_dir)),
+                                 eval_path=absolute(cfg.data.eval_path), cache_dir=absolute(cfg.data.cache_dir),
+                                 chat_template=template_path(cfg.data.chat_template)),
         scaling=dataclasses.replace(cfg.scaling, storage_path=absolute(cfg.scaling.storage_path)),
     )

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from orpo_ray.config import Config, config_from_dict
 from orpo_ray.console import progress_interval
+from orpo_ray.data.tokenize import use_chat_template
 from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.forward.layouts import make_collate, make_token_stats
 from orpo_ray.forward.logprobs import nll_target_mask, policy_forward
@@ -63,6 +64,9 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     # ---- model, tokenizer, precision ------------------------------------------------------------
     precision, precision_reason = select_precision(t.precision, runtime.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
+    # The template the data is rendered with (data.chat_template) travels with the exported tokenizer, on every
+    # runtime: through Ray the driver rendered the data with its own tokenizer, and this one never saw it.
+    use_chat_template(tokenizer, cfg.data.chat_template)
     model.to(runtime.device)
     trainable, total = parameter_counts(model)
     # Switches this model cannot take are turned off here, for training and evaluation alike (never silently).

@@ -106,6 +106,21 @@ def test_with_absolute_paths_resolves_local_paths_only(tmp_path, monkeypatch):
     assert cfg.data.cache_dir is None
 
 
+@pytest.mark.parametrize("setting, expected", [("templates/chat.jinja", "{tmp}/templates/chat.jinja"),
+                                               ("chatml", "chatml"), ("hh", "hh"), (None, None),
+                                               ("missing.jinja", "missing.jinja")])
+def test_a_chat_template_file_is_made_absolute_for_the_workers(tmp_path, monkeypatch, setting, expected):
+    """The Ray worker applies data.chat_template to the tokenizer it exports, from another directory; a built-in
+    name, null, or a path that is no file (its error names what the user wrote) stays as given."""
+    from orpo_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "chat.jinja").write_text("{{ messages }}")
+    cfg = with_absolute_paths(load_config(None, [f"data.chat_template={'null' if setting is None else setting}"]))
+    assert cfg.data.chat_template == (expected.format(tmp=tmp_path) if expected else None)
+
+
 def test_lora_config_loads_with_llama_defaults():
     lora = load_config(None, ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.1"]).model.lora
     assert (lora.enabled, lora.r, lora.alpha, lora.dropout) == (True, 4, 16, 0.1)
