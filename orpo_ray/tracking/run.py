@@ -28,7 +28,7 @@ def plan_tags(plan: Mapping[str, Any], precision: str, objective: str,
     plan's requested ones."""
     stage = re.search(r"ZeRO-(\d)", str(plan["engine"]))
     applied = dict(fast_path) if fast_path else {k: "on" if v is True else "off" for k, v in plan["fast_path"].items()}
-    on = [k for k in ("chunked_lm_head", "prefix_sharing", "packing") if applied.get(k) == "on"]
+    on = [k for k, v in applied.items() if v == "on"]  # the switches, in forward/fast_path.SWITCHES' order
     fallbacks = [k for k, v in applied.items() if str(v).startswith("fallback")]
     return {
         "orpo.objective": objective,
