@@ -72,45 +72,52 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2
 
+    from orpo_ray.output_staging import staged_output
+
     try:
-        if args.command == "train":
-            if args.local:
-                from orpo_ray.launch.local import run_local
-
-                results = run_local(cfg)
-            else:
-                from orpo_ray.launch.trainer import run_training
-
-                results = run_training(cfg)
-            _print_summary(results)
-        elif args.command == "plan":
-            from orpo_ray.commands.plan import run_plan
-
-            run_plan(cfg, local=args.local)
-        elif args.command == "tune":
-            from orpo_ray.launch.tune import run_sweep
-
-            run_sweep(cfg)
-        elif args.command == "eval":
-            from orpo_ray.commands.eval import run_eval
-
-            _print_summary(run_eval(cfg))
-        elif args.command == "bench":
-            from orpo_ray.commands.bench import run_bench
-
-            run_bench(cfg)
-        elif args.command == "evidence":
-            from orpo_ray.commands.evidence import run_evidence
-
-            run_evidence(cfg, command=" ".join(["orpo-ray", *(argv if argv is not None else sys.argv[1:])]))
-        elif args.command == "data-report":
-            from orpo_ray.commands.data_report import run_data_report
-
-            run_data_report(cfg)
+        with staged_output(cfg) as cfg:  # a URI output_dir: write locally, upload at the end
+            _dispatch(args, cfg, argv)
     except ConfigError as e:  # e.g. re-running an output_dir with a different config, or one in use
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _dispatch(args: argparse.Namespace, cfg, argv: list[str] | None) -> None:
+    if args.command == "train":
+        if args.local:
+            from orpo_ray.launch.local import run_local
+
+            results = run_local(cfg)
+        else:
+            from orpo_ray.launch.trainer import run_training
+
+            results = run_training(cfg)
+        _print_summary(results)
+    elif args.command == "plan":
+        from orpo_ray.commands.plan import run_plan
+
+        run_plan(cfg, local=args.local)
+    elif args.command == "tune":
+        from orpo_ray.launch.tune import run_sweep
+
+        run_sweep(cfg)
+    elif args.command == "eval":
+        from orpo_ray.commands.eval import run_eval
+
+        _print_summary(run_eval(cfg))
+    elif args.command == "bench":
+        from orpo_ray.commands.bench import run_bench
+
+        run_bench(cfg)
+    elif args.command == "evidence":
+        from orpo_ray.commands.evidence import run_evidence
+
+        run_evidence(cfg, command=" ".join(["orpo-ray", *(argv if argv is not None else sys.argv[1:])]))
+    elif args.command == "data-report":
+        from orpo_ray.commands.data_report import run_data_report
+
+        run_data_report(cfg)
 
 
 def _print_summary(results: dict) -> None:

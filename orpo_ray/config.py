@@ -359,8 +359,12 @@ class ExportSection:
 
 @dataclass
 class Config:
-    output_dir: str = _f("outputs/run", "Local (or mounted shared) directory for results.json, the model and "
-                         "tracking files; one run at a time (a lock file refuses a second writer).")
+    output_dir: str = _f("outputs/run", "Where results.json, the model and tracking files go; one run at a time (a lock "
+                         "file refuses a second writer). A local path (made absolute), or a URI (s3://, gs://, file://, "
+                         "any pyarrow filesystem): then the command writes to a local staging dir, "
+                         "$ORPO_RAY_STAGING_DIR or ~/.cache/orpo-ray/staging/<hash>/<name>, which also holds the "
+                         "cache, MLflow db and checkpoint defaults, and uploads its outputs there when it ends; the "
+                         "lock then covers this host only.")
     # The choices are orpo_ray.objectives.OBJECTIVES (a unit test keeps them equal); each has its section below.
     objective: Literal["orpo", "simpo", "cpo"] = _f(
         "orpo", "Preference objective: orpo, simpo or cpo; only the section of that name is read (so "
@@ -414,10 +418,6 @@ class Config:
         if e.lm_head == "liger" and not (e.chunked_lm_head and self.scaling.use_gpu):
             raise ConfigError(f"{where}: efficiency.lm_head=liger needs efficiency.chunked_lm_head=true and "
                               "scaling.use_gpu=true (Liger's fused lm-head is a CUDA kernel for the chunked lm-head)")
-        if is_uri(self.output_dir):
-            raise ConfigError(f"{where}: output_dir must be a local (or mounted shared) directory, got {self.output_dir!r}: "
-                              "results.json, the model export and the run lock are written with local file APIs. "
-                              "Put checkpoints on cloud storage with scaling.storage_path (s3://, gs://, ...)")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{where}: deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
         self._validate_tune(where)

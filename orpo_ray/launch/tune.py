@@ -33,7 +33,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orpo_ray.config import Config, config_from_dict, with_absolute_paths
-from orpo_ray.launch.run_state import read_state, save_state
+from orpo_ray.launch.run_state import output_dir_lock, read_state, save_state
 from orpo_ray.launch.session import ensure_ray
 from orpo_ray.launch.sweep import (
     TABLE_METRICS,
@@ -90,12 +90,19 @@ def search_space(cfg: Config) -> dict:
 
 
 def run_sweep(cfg: Config) -> dict:
+    """`orpo-ray tune`: one writer per output_dir, as for `train` - the same lock, so a sweep and a training run
+    (or two sweeps) never share a directory."""
+    cfg = with_absolute_paths(cfg)
+    check_metric(cfg)
+    with output_dir_lock(cfg.output_dir):
+        return _sweep(cfg)
+
+
+def _sweep(cfg: Config) -> dict:
     from orpo_ray.data.ray_pipeline import tokenized_datasets
     from orpo_ray.tracking import make_tracker
     from orpo_ray.tracking.datasets import dataset_inputs
 
-    cfg = with_absolute_paths(cfg)
-    check_metric(cfg)
     out = Path(cfg.output_dir)
     state = read_state(out / SWEEP_STATE_FILE, cfg, "sweep") or {}
     if state.get("completed") and (out / RESULTS_FILE).exists():

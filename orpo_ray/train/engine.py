@@ -154,6 +154,46 @@ def load_rng_state(directory: str, rank: int) -> bool:
     return True
 
 
+# The only non-tensor, non-container classes DeepSpeed's own checkpoint files hold, found by saving real
+# checkpoints (deepspeed 0.19.8, CPU accelerator: ZeRO 0-3, CPU optimizer offload, bf16) and listing
+# torch.serialization.get_unsafe_globals_in_checkpoint on each file. Anything else in a file is refused on resume.
+DEEPSPEED_CHECKPOINT_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds something other than tensors, containers and DEEPSPEED_CHECKPOINT_CLASSES."""
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with `load` reading through torch.load(weights_only=True): its own
+    TorchCheckpointEngine unpickles with weights_only=False, so anyone who can write to checkpoint storage could
+    run code in the next resume. Every other call (save, commit, ...) goes to the engine it wraps."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        import importlib
+        import pickle
+
+        allowed = [getattr(importlib.import_module(m), c) for m, c in (n.rsplit(".", 1) for n in DEEPSPEED_CHECKPOINT_CLASSES)]
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"refusing to resume from {path}: it holds objects a DeepSpeed checkpoint does not (only tensors, "
+                f"containers and {', '.join(DEEPSPEED_CHECKPOINT_CLASSES)} are loaded; it may have been tampered "
+                f"with). torch said: {str(e).splitlines()[0]}") from None
+
+
 def ds_accelerator_for(device: torch.device | str) -> str:
     """DeepSpeed's accelerator for a model on `device` (its names are torch's device types: cuda, cpu, xpu, ...):
     it must match where the tensors are, whatever a parent process exported (a CPU head node's
@@ -476,7 +516,13 @@ class DeepSpeedEngine(Engine):
         if not directory or not os.path.isfile(os.path.join(directory, "latest")):
             return False
         # Non-strict only when frozen weights were left out on purpose; a full model must load completely.
-        path, client = self.engine.load_checkpoint(directory, load_module_strict=not self._has_frozen)
+        # Every file DeepSpeed reads goes through its checkpoint engine's `load`: weights only, for the resume.
+        plain = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = _WeightsOnlyLoads(plain)
+        try:
+            path, client = self.engine.load_checkpoint(directory, load_module_strict=not self._has_frozen)
+        finally:
+            self.engine.checkpoint_engine = plain
         if path is None:
             return False
         client = client or {}

@@ -174,6 +174,17 @@ def test_resume_from_checkpoint_equals_uninterrupted(ray_local, tmp_path):
     assert_close(lo, lf[2:], RESUME_RTOL)
 
 
+def run_without_ray(code: str, *args: str) -> dict:
+    """Run `code` in a fresh process (DeepSpeed builds one engine per process group) and return the JSON it
+    printed after RESULT."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "orpo_ray_torch_extensions"))
+    p = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
+    assert p.returncode == 0 and line, p.stderr[-3000:]
+    return json.loads(line[0][6:])
+
+
 def test_deepspeed_ws1_matches_torch_engine(tmp_path):
     """No Ray: DeepSpeed (world size 1, private gloo group) vs plain torch, same seed."""
     code = f"""
@@ -197,12 +208,7 @@ for ds in (False, True):
     e.close()
 print("RESULT" + json.dumps(out))
 """
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "orpo_ray_torch_extensions"))
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
-    assert p.returncode == 0 and line, p.stderr[-3000:]
-    out = json.loads(line[0][6:])
+    out = run_without_ray(code)
     t, d = out["False"], out["True"]
     assert t["step"] == d["step"] == 5
     assert abs(t["lr"] - d["lr"]) < 1e-12
@@ -328,3 +334,76 @@ def _job_submit_checks(ray_bin, ray_cluster, env):
     no_tok = subprocess.run([ray_bin, "job", "list", "--address", ray_cluster["dashboard"]],
                             env=dict(env, RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=120)
     assert no_tok.returncode != 0
+
+
+# One ZeRO-2 engine (world size 1, no Ray) per process: "save" trains 4 steps and checkpoints after step 2,
+# "resume" loads that checkpoint and trains steps 3-4, "load" only tries to resume from each directory given.
+DS_RESUME = f"""
+import json, os, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_engine_ray import tiny_llama, global_batch, engine_kwargs
+from orpo_ray.train.engine import create_engine
+mode, dirs = sys.argv[1], sys.argv[2:]
+e = create_engine(tiny_llama(11), use_deepspeed=True, **engine_kwargs({{"steps": 4, "micro": 2}}))
+out = {{"losses": [], "errors": []}}
+if mode == "load":
+    for d in dirs:
+        try:
+            e.load(d)
+            out["errors"].append(None)
+        except Exception as err:
+            out["errors"].append([type(err).__name__, str(err)])
+else:
+    start = 2 if mode == "resume" and e.load(dirs[0]) else 0
+    for s in range(start, 4):
+        ids = global_batch(s, 11, 2)
+        loss = e.model(input_ids=ids, labels=ids).loss
+        e.backward(loss); e.step()
+        out["losses"].append(loss.item())
+        if mode == "save" and s == 1:
+            e.save(dirs[0], {{"step": 2}})
+out["step"] = e.global_step
+e.close()
+print("RESULT" + json.dumps(out))
+"""
+
+
+class _WritesAFile:
+    """A pickle whose loading runs code: unpickling calls open(path, "w"), which creates the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_deepspeed_resume_loads_weights_only_and_refuses_a_tampered_checkpoint(tmp_path):
+    """DeepSpeed's own load_checkpoint unpickles with weights_only=False; ours goes through an allow-list.
+    A real ZeRO-2 checkpoint still resumes exactly; a file holding a code-running pickle is refused naming it."""
+    import shutil
+
+    import torch
+
+    ckpt = tmp_path / "ckpt"
+    full = run_without_ray(DS_RESUME, "save", str(ckpt))
+    resumed = run_without_ray(DS_RESUME, "resume", str(ckpt))
+    assert full["step"] == resumed["step"] == 4
+    assert_close(resumed["losses"], full["losses"][2:], RESUME_RTOL)
+
+    tampered, markers = [], []
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        d = tmp_path / name.split(".")[0]
+        shutil.copytree(ckpt, d)
+        marker = tmp_path / f"ran_code_from_{name}"
+        target = d / "global_step2" / name
+        state = torch.load(target, weights_only=False)  # the real file, plus one poisoned entry
+        state["payload"] = _WritesAFile(str(marker))
+        torch.save(state, target)
+        tampered.append((d, target))
+        markers.append(marker)
+    errors = run_without_ray(DS_RESUME, "load", *(str(d) for d, _ in tampered))["errors"]
+    for (_, target), marker, error in zip(tampered, markers, errors):
+        assert not marker.exists(), f"resume ran code from {target}"
+        assert error is not None and error[0] == "UnsafeCheckpointError", error
+        assert str(target) in error[1] and "refusing to resume" in error[1]

@@ -132,3 +132,31 @@ def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(local_ray_env, t
     assert float(version.tags["orpo.beta"]) == best["beta"]
     assert float(version.tags["eval_nll_loss"]) == pytest.approx(best["metrics"]["eval_nll_loss"])
     assert parent.info.status == "FINISHED"
+
+
+
+def test_tune_and_train_refuse_each_others_output_dir(tmp_path, monkeypatch, capsys):
+    """The train lock, reused: a sweep on a directory another run holds stops before Ray starts, and while a
+    sweep runs, `train` on its directory is refused."""
+    import orpo_ray.launch.tune as tune_module
+    from orpo_ray.cli import main
+    from orpo_ray.launch.run_state import output_dir_lock
+
+    out = tmp_path / "sweep"
+    args = ["configs/tune_demo.yaml", f"output_dir={out}"]
+    seen = []
+
+    def sweep_started(*_):  # the sweep got past its lock: a training run on its output_dir must be refused now
+        seen.append(main(["train", *args, "--local"]))
+        raise RuntimeError("stop the sweep here")
+
+    monkeypatch.setattr(tune_module, "ensure_ray", sweep_started)
+    with output_dir_lock(out):  # a live holder (this process), as a running `train` or `tune` would be
+        assert main(["tune", *args]) == 2
+    assert "is in use by another run" in capsys.readouterr().err
+    assert not seen and not (out / "sweep_state.json").exists()
+
+    with pytest.raises(RuntimeError, match="stop the sweep here"):
+        main(["tune", *args])
+    assert seen == [2] and "is in use by another run" in capsys.readouterr().err
+    assert not (out / ".orpo_run.lock").exists()  # released when the sweep ended

@@ -12,6 +12,8 @@ import torch
 
 from orpo_ray.config import ConfigError, load_config, with_absolute_paths
 from orpo_ray.launch.local import run_local
+from orpo_ray.output_staging import STAGING_ENV, staged_output, staging_dir
+from orpo_ray.tracking.mlflow_tracker import resolve_tracking_uri
 from orpo_ray.launch.run_state import (
     LOCK_FILE,
     checkpoint_staging_root,
@@ -42,9 +44,55 @@ def test_local_storage_paths_are_made_absolute(tmp_path, monkeypatch):
     assert checkpoint_staging_root(cfg).parent.parent == tmp_path / "shared/ray"  # next to the checkpoints
 
 
-def test_output_dir_must_be_local():
-    with pytest.raises(ConfigError, match="output_dir must be a local.*scaling.storage_path"):
-        load_config(None, ["output_dir=s3://bucket/run"])
+@pytest.mark.parametrize("uri", ["s3://bucket/runs/exp1", "gs://bucket/runs/exp1/", "file:///mnt/shared/exp1"])
+def test_a_uri_output_dir_is_kept_and_its_staging_dir_is_local(tmp_path, monkeypatch, uri):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    cfg = with_absolute_paths(load_config(None, [f"output_dir={uri}"]))
+    assert cfg.output_dir == uri  # never Path(uri).resolve() (<cwd>/s3:/bucket/...)
+    local = staging_dir(uri)
+    assert local.parent.parent == tmp_path / "staging" and local.name == "exp1"
+    assert staging_dir(uri) == local and staging_dir(uri.replace("exp1", "exp2")) != local
+
+
+def test_a_staged_run_keeps_every_derived_default_local_and_uploads_its_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    uri = f"file://{tmp_path}/bucket/exp1"
+    with staged_output(with_absolute_paths(load_config(None, [f"output_dir={uri}"]))) as cfg:
+        local = Path(cfg.output_dir)
+        assert local == staging_dir(uri) and local.is_absolute()
+        assert storage_path(cfg) == str(local / "ray")
+        assert resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.output_dir) == f"sqlite:///{local}/mlflow.db"
+        assert run_state_file(cfg, local=True).startswith(str(local))
+        for rel in ("results.json", "model/config.json", "trials/t1/history.json", "mlflow.db",  # outputs
+                    "cache/x.parquet", "ray/run/ckpt.pt", "checkpoints/step_1/a.pt", "trials/t1/ray/c.pt"):  # not
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            (local / rel).write_text(rel)
+        with output_dir_lock(cfg.output_dir):
+            pass
+    arrived = sorted(p.relative_to(tmp_path / "bucket/exp1").as_posix()
+                     for p in (tmp_path / "bucket/exp1").rglob("*") if p.is_file())
+    assert arrived == ["mlflow.db", "model/config.json", "results.json", "trials/t1/history.json"]
+    assert (tmp_path / "bucket/exp1/model/config.json").read_text() == "model/config.json"
+
+
+def test_a_staged_command_refused_by_the_lock_uploads_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    uri = f"file://{tmp_path}/bucket/exp1"
+    (staging_dir(uri)).mkdir(parents=True)
+    (staging_dir(uri) / "results.json").write_text("{}")  # the other command's half-written output
+    with output_dir_lock(staging_dir(uri)):  # that command (this process) is still running
+        with pytest.raises(ConfigError, match="in use by another run"):
+            with staged_output(load_config(None, [f"output_dir={uri}"])) as cfg:
+                with output_dir_lock(cfg.output_dir):
+                    pass
+    assert not (tmp_path / "bucket").exists()
+
+
+def test_an_output_dir_uri_pyarrow_cannot_open_is_refused_before_anything_runs(tmp_path):
+    cfg = load_config(None, ["output_dir=nosuchfs://bucket/run"])
+    with pytest.raises(ConfigError, match="output_dir 'nosuchfs://bucket/run' is not a URI pyarrow can write to"):
+        with staged_output(cfg):
+            raise AssertionError("ran with an unusable output_dir")
 
 
 def test_run_state_reads_and_writes_through_a_pyarrow_uri(tmp_path):
