@@ -63,6 +63,14 @@ def _apply_post(z: Tensor, scale: float, softcap: float | None) -> Tensor:
     return z
 
 
+def _logsumexp_(logits: Tensor) -> Tensor:
+    """log(sum(exp(logits), -1)), overwriting ``logits``: torch.logsumexp allocates a chunk-sized temporary per
+    call (and glibc page-faults a fresh 32 MB one in each time), here the chunk's own buffer is reused."""
+    top = logits.amax(-1, keepdim=True)
+    top.masked_fill_(~torch.isfinite(top), 0.0)  # an all -inf row gives -inf, not NaN (as torch.logsumexp)
+    return logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+
+
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face causal LM inside DeepSpeed/DDP engines (``.module``) and PEFT wrappers.
 
@@ -134,8 +142,8 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
                 rows = slice(start, start + chunk)
                 logits = _apply_post(torch.nn.functional.linear(hidden[rows].to(compute_dtype), w, b).to(acc), *post)
                 sums[rows] = logits.sum(-1)
-                lse[rows] = torch.logsumexp(logits, dim=-1)
                 picked[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
+                lse[rows] = _logsumexp_(logits)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.compute_dtype, ctx.post = chunk, compute_dtype, post
         ctx.mark_non_differentiable(sums)
@@ -158,8 +166,10 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
                 h = hidden[rows].to(cd)
                 g = grad_logps[rows].to(lse.dtype).unsqueeze(-1)
                 logits = _apply_post(torch.nn.functional.linear(h, w, b).to(lse.dtype), scale, softcap)
-                # d(x_target - lse)/dx = onehot(target) - softmax(x)
-                grad = torch.exp(logits - lse[rows].unsqueeze(-1)).mul_(-g)
+                # d(x_target - lse)/dx = onehot(target) - softmax(x); in place on this chunk's fresh logits
+                # unless the soft-cap's derivative still needs them.
+                grad = logits.clone() if softcap is not None else logits
+                grad.sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-g)
                 grad.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
                 if softcap is not None:  # x = c * tanh(u / c): dx/du = 1 - (x / c)^2
                     grad.mul_(1 - (logits / softcap).square_())
