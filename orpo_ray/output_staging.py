@@ -6,6 +6,12 @@ Everything derived from output_dir stays local under the staging dir (the Parque
 MLflow sqlite db, the default Ray Train storage `ray/`, `--local` checkpoints): those are working state, not
 outputs, so `LOCAL_ONLY` names are not uploaded (the MLflow db is: it is the run's record). Put checkpoints on cloud
 storage with `scaling.storage_path`.
+
+On a cluster the driver and rank 0 may run on different hosts: rank 0 writes the results and the model into *its*
+host's copy of the staging path, which the driver never sees. While a command runs, `OUTPUT_URI_ENV` and
+`OUTPUT_HOST_ENV` say which URI and which host own the staging dir (Ray workers get both, launch/session.py), so
+rank 0 on another host uploads its own outputs (`upload_from_other_host`) and the driver fetches results.json
+back from the URI (`fetch_results`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import socket
 from pathlib import Path
 
 from orpo_ray.config import Config, ConfigError, is_uri
@@ -22,6 +29,8 @@ from orpo_ray.launch.run_state import LOCK_FILE, STAGING_DIR
 STAGING_ENV = "ORPO_RAY_STAGING_DIR"  # parent of every URI's staging dir; default ~/.cache/orpo-ray/staging
 # Working state under output_dir that is not an output: checkpoints, tokenized cache, the run lock, checkpoint staging.
 LOCAL_ONLY = frozenset({"ray", "cache", "checkpoints", STAGING_DIR, LOCK_FILE})
+OUTPUT_URI_ENV = "ORPO_RAY_OUTPUT_URI"  # set while a command writes a URI output_dir: the URI
+OUTPUT_HOST_ENV = "ORPO_RAY_OUTPUT_HOST"  # ... and the host whose staging dir the command uploads at the end
 
 
 def staging_dir(uri: str) -> Path:
@@ -74,10 +83,37 @@ def staged_output(cfg: Config):
     _filesystem(uri)  # an unsupported scheme fails now, not after training
     local = staging_dir(uri)
     print(f"[orpo-ray] output_dir {uri}: writing to {local}, uploaded when the command ends", flush=True)
+    saved = {k: os.environ.get(k) for k in (OUTPUT_URI_ENV, OUTPUT_HOST_ENV)}
+    os.environ.update({OUTPUT_URI_ENV: uri, OUTPUT_HOST_ENV: socket.gethostname()})
     try:
         yield dataclasses.replace(cfg, output_dir=str(local))
     finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         if (local / LOCK_FILE).exists():  # ours is gone by now: another command is writing there (we were refused)
             print(f"[orpo-ray] not uploading {local}: another command holds it", flush=True)
         elif local.is_dir():
             print(f"[orpo-ray] uploaded {upload(local, uri)} files from {local} to {uri}", flush=True)
+
+
+def upload_from_other_host(local: Path) -> int | None:
+    """Rank 0's end of a run: when this host is not the one whose staging dir the command uploads, upload this
+    host's outputs now (returns the file count); None when the command's own upload will carry them."""
+    uri = os.environ.get(OUTPUT_URI_ENV)
+    if not uri or os.environ.get(OUTPUT_HOST_ENV) == socket.gethostname():
+        return None
+    return upload(local, uri)
+
+
+def fetch_results(local: Path) -> None:
+    """The driver's side: results.json written by rank 0 on another host comes back from the URI (no-op when it
+    is already here or no URI output_dir is being written)."""
+    from pyarrow import fs
+
+    uri, target = os.environ.get(OUTPUT_URI_ENV), local / "results.json"
+    if target.exists() or not uri:
+        return
+    filesystem, root = _filesystem(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    fs.copy_files(f"{root.rstrip('/')}/results.json", str(target), source_filesystem=filesystem,
+                  destination_filesystem=fs.LocalFileSystem())

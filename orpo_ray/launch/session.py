@@ -10,6 +10,7 @@ from pathlib import Path
 from orpo_ray import ONEDNN_CACHE_ENV
 from orpo_ray.config import Config
 from orpo_ray.console import VERBOSE_ENV, verbose
+from orpo_ray.output_staging import OUTPUT_HOST_ENV, OUTPUT_URI_ENV
 
 
 # Exported NCCL settings (interface, InfiniBand, debug level) reach the GPU workers: NCCL reads them in the
@@ -38,6 +39,8 @@ def worker_env(address: str | None = None, use_gpu: bool = False) -> dict:
     env[ONEDNN_CACHE_ENV] = os.environ[ONEDNN_CACHE_ENV]  # from process start (see orpo_ray/__init__.py)
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_ray_torch_extensions"))
+    # A URI output_dir (output_staging.py): rank 0 on another host than the driver's uploads its own outputs.
+    env.update({k: os.environ[k] for k in (OUTPUT_URI_ENV, OUTPUT_HOST_ENV) if k in os.environ})
     if verbose():  # --verbose on a cluster the driver did not start
         env[VERBOSE_ENV] = "1"
     if use_gpu:

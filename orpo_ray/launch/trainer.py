@@ -33,6 +33,7 @@ from orpo_ray.launch.run_state import (
     storage_path,
 )
 from orpo_ray.launch.session import cpus_per_worker, ensure_ray, quiet_ray_data, worker_env
+from orpo_ray.output_staging import fetch_results
 from orpo_ray.train.loop import RUN_EXTRAS_KEY, train_loop_per_worker
 
 
@@ -104,4 +105,5 @@ def fit_run(cfg: Config, datasets: dict, extras: dict, *, callbacks=None) -> dic
     save_state(run_state_file(cfg), cfg, completed=False)
     make_trainer(cfg, datasets, extras, callbacks=callbacks).fit()
     save_state(run_state_file(cfg), cfg, completed=True)
+    fetch_results(Path(cfg.output_dir))  # rank 0 ran on another host and wrote to a URI output_dir
     return json.loads((Path(cfg.output_dir) / "results.json").read_text())

@@ -31,6 +31,7 @@ from orpo_ray.modeling import (
     parameter_counts,
 )
 from orpo_ray.objectives import build_objective, step_nll_weights
+from orpo_ray.output_staging import upload_from_other_host
 from orpo_ray.plan import format_plan, model_shape, resolve_plan
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
 from orpo_ray.results import write_results
@@ -243,6 +244,9 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             results["merged_dir"] = str((out / "merged").resolve())
         write_results(out / "results.json", results)
         tracker.finish(cfg, history, out, engine.module, tokenizer)
+        uploaded = upload_from_other_host(out)  # a URI output_dir whose driver runs on another host
+        if uploaded is not None:
+            print(f"[orpo-ray] rank 0 uploaded {uploaded} files from {out} (the driver runs on another host)", flush=True)
     return results
 
 

@@ -47,3 +47,23 @@ def test_ray_run_uploads_its_outputs_to_a_file_uri(_ray_local_session, tmp_path,
     assert not [p for p in arrived if p.split("/")[0] in ("checkpoints", "cache", "ray", ".orpo_run.lock")]
     assert json.loads((bucket / "results.json").read_text())["num_steps"] == 3
     assert list((local / "ray").glob("orpo-ray_run-*/checkpoint_*"))  # Ray Train's checkpoints: local staging
+
+
+@pytest.mark.parametrize("driver_host, uploads", [("driver-on-another-host", True), (None, False)])
+def test_rank0_on_another_host_than_the_driver_uploads_its_own_outputs(tmp_path, monkeypatch, driver_host, uploads):
+    """A cluster run: rank 0's results and model land in *its* host's copy of the staging path, which the driver's
+    upload never sees, so rank 0 uploads them itself; on the driver's own host it leaves that to the command."""
+    import socket
+
+    from orpo_ray.config import load_config
+    from orpo_ray.launch.local import run_local
+    from orpo_ray.output_staging import OUTPUT_HOST_ENV, OUTPUT_URI_ENV
+
+    bucket = tmp_path / "bucket"
+    monkeypatch.setenv(OUTPUT_URI_ENV, f"file://{bucket}")
+    monkeypatch.setenv(OUTPUT_HOST_ENV, driver_host or socket.gethostname())
+    run_local(load_config(DEMO, [*TINY, "train.max_steps=2", f"output_dir={tmp_path / 'rank0_host_staging'}"]))
+    arrived = _arrived(bucket) if bucket.exists() else []
+    assert (set(OUTPUTS) - {"quarantine.jsonl"} <= set(arrived)) is uploads, arrived
+    if uploads:
+        assert json.loads((bucket / "results.json").read_text())["num_steps"] == 2

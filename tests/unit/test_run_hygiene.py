@@ -180,3 +180,36 @@ def test_cli_refuses_a_second_local_run_on_a_locked_output_dir(tmp_path, capsys)
         assert main(["train", "configs/demo.yaml", "--local", f"output_dir={tmp_path}"]) == 2
     assert "is in use by another run" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_the_driver_fetches_results_that_rank0_uploaded_from_another_host(tmp_path, monkeypatch):
+    from orpo_ray.output_staging import OUTPUT_URI_ENV, fetch_results
+
+    bucket, local = tmp_path / "bucket", tmp_path / "driver_staging"
+    bucket.mkdir()
+    (bucket / "results.json").write_text('{"num_steps": 7}')
+    fetch_results(local)  # no URI output_dir being written: nothing to fetch
+    assert not (local / "results.json").exists()
+    monkeypatch.setenv(OUTPUT_URI_ENV, f"file://{bucket}")
+    fetch_results(local)
+    assert (local / "results.json").read_text() == '{"num_steps": 7}'
+    (bucket / "results.json").write_text('{"num_steps": 8}')
+    fetch_results(local)  # already here (rank 0 ran on this host): left as it is
+    assert (local / "results.json").read_text() == '{"num_steps": 7}'
+
+
+def test_ray_workers_learn_which_uri_and_host_own_the_staging_dir(tmp_path, monkeypatch):
+    import socket
+
+    from orpo_ray.config import load_config
+    from orpo_ray.launch.session import worker_env
+    from orpo_ray.output_staging import OUTPUT_HOST_ENV, OUTPUT_URI_ENV, STAGING_ENV, staged_output
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    monkeypatch.delenv(OUTPUT_URI_ENV, raising=False)
+    assert OUTPUT_URI_ENV not in worker_env()
+    uri = f"file://{tmp_path / 'bucket' / 'run'}"
+    with staged_output(load_config(None, [f"output_dir={uri}"])):
+        env = worker_env()
+        assert env[OUTPUT_URI_ENV] == uri and env[OUTPUT_HOST_ENV] == socket.gethostname()
+    assert OUTPUT_URI_ENV not in worker_env()  # restored after the command
