@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from orpo_ray.output_staging import OUTPUT_URI_ENV
 from orpo_ray.tracking.datasets import dataset_inputs
 from orpo_ray.tracking.factory import make_tracker
 from orpo_ray.tracking.plots import plot_training_curves
@@ -45,6 +47,14 @@ def plan_tags(plan: Mapping[str, Any], precision: str, objective: str,
     }
 
 
+def run_tags(cfg: Any) -> dict:
+    """Tags every run carries. output_dir is where the outputs end up: the URI for a URI output_dir (the local
+    staging dir the run wrote to is kept beside it), else the absolute directory."""
+    local = str(Path(cfg.output_dir).resolve())
+    uri = os.environ.get(OUTPUT_URI_ENV)
+    return {"orpo.beta": cfg.orpo.beta, "output_dir": uri or local, **({"output_staging_dir": local} if uri else {})}
+
+
 class RunTracker:
     """What one training run logs, on rank 0 only: params, data inputs, TRL-named metrics, system metrics,
     and artifacts and the model at the end.
@@ -61,7 +71,7 @@ class RunTracker:
         tracker = make_tracker(cfg, main=is_main, uri=extras.get("mlflow_uri"))
         if tracker.enabled:
             tracker.start(cfg.tracking.experiment, run_name=describe_run(cfg),
-                          tags={"orpo.beta": cfg.orpo.beta, "output_dir": str(Path(cfg.output_dir).resolve())},
+                          tags=run_tags(cfg),
                           parent_run_id=extras.get("mlflow_parent_run_id"))
             if cfg.tracking.system_metrics:  # rank 0 only: one node's view, not one series per worker
                 tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)

@@ -318,3 +318,16 @@ def test_heatmap_tick_labels_are_compact() -> None:
     assert [plots._tick_label(v) for v in (1e-4, 3e-5, 2.5e-4, 0.1, 0.05, 1, "adamw")] == [
         "1e-4", "3e-5", "2.5e-4", "0.1", "0.05", "1", "adamw",
     ]
+
+
+def test_the_output_dir_tag_is_where_outputs_end_up_the_uri_for_a_uri_output_dir(tmp_path, monkeypatch):
+    from orpo_ray.config import load_config
+    from orpo_ray.output_staging import OUTPUT_URI_ENV
+    from orpo_ray.tracking.run import run_tags
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}"])
+    monkeypatch.delenv(OUTPUT_URI_ENV, raising=False)
+    assert run_tags(cfg)["output_dir"] == str(tmp_path / "run") and "output_staging_dir" not in run_tags(cfg)
+    monkeypatch.setenv(OUTPUT_URI_ENV, "s3://bucket/runs/a")  # set by output_staging.staged_output
+    assert run_tags(cfg)["output_dir"] == "s3://bucket/runs/a"
+    assert run_tags(cfg)["output_staging_dir"] == str(tmp_path / "run")
