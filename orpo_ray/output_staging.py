@@ -117,3 +117,22 @@ def fetch_results(local: Path) -> None:
     local.mkdir(parents=True, exist_ok=True)
     fs.copy_files(f"{root.rstrip('/')}/results.json", str(target), source_filesystem=filesystem,
                   destination_filesystem=fs.LocalFileSystem())
+
+
+def download_model(uri: str) -> Path:
+    """`orpo-ray eval eval.checkpoint=URI`: the saved model under `uri` (a model dir, or a run whose `model/` is
+    one) copied to this host's staging dir for that URI, whose path is returned (the model dir itself)."""
+    from pyarrow import fs
+
+    filesystem, root = _filesystem(uri)
+    root = root.rstrip("/")
+    for source in (f"{root}/model", root):
+        names = {info.base_name for info in filesystem.get_file_info(fs.FileSelector(source, allow_not_found=True))}
+        if names & {"config.json", "adapter_config.json"}:
+            target = staging_dir(uri) / ("model" if source != root else "checkpoint")
+            target.mkdir(parents=True, exist_ok=True)
+            fs.copy_files(source, str(target), source_filesystem=filesystem,
+                          destination_filesystem=fs.LocalFileSystem())
+            return target
+    raise FileNotFoundError(f"eval.checkpoint={uri!r}: neither it nor its model/ holds a saved model (config.json) "
+                            "or LoRA adapter (adapter_config.json)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from orpo_ray.config import Config
+from orpo_ray.config import Config, is_uri
 from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
 from orpo_ray.objectives import build_objective
@@ -30,7 +30,11 @@ from orpo_ray.train.runtime import LocalRuntime
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model directory (config.json), a LoRA adapter directory (adapter_config.json), or a run's output_dir
-    whose `model/` is one of those."""
+    whose `model/` is one of those; a URI (s3://, gs://, file://, ...) is downloaded first."""
+    if is_uri(str(path)):
+        from orpo_ray.output_staging import download_model
+
+        return download_model(str(path))
     p = Path(path).expanduser().resolve()
     for candidate in (p, p / "model"):
         if (candidate / "config.json").is_file() or is_adapter_dir(candidate):

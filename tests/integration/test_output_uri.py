@@ -38,6 +38,10 @@ def test_local_run_uploads_its_outputs_to_a_file_uri(tmp_path, monkeypatch, caps
     assert results["num_steps"] == 3 and results["model_dir"] == str(local / "model")
     assert (local / "checkpoints").is_dir() and not (local / ".orpo_run.lock").exists()  # resumable here, unlocked
     assert f"uploaded {len(arrived)} files from {local} to {uri}" in capsys.readouterr().out
+    # `orpo-ray eval` reads the run back from the URI (downloaded into this host's staging dir for it).
+    assert main(["eval", DEMO, *TINY, f"eval.checkpoint={uri}", f"output_dir={tmp_path / 'eval'}"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["checkpoint"] == str(local / "model") and evaluated["eval_pairs"] > 0
 
 
 def test_ray_run_uploads_its_outputs_to_a_file_uri(_ray_local_session, tmp_path, monkeypatch):

@@ -213,3 +213,19 @@ def test_ray_workers_learn_which_uri_and_host_own_the_staging_dir(tmp_path, monk
         env = worker_env()
         assert env[OUTPUT_URI_ENV] == uri and env[OUTPUT_HOST_ENV] == socket.gethostname()
     assert OUTPUT_URI_ENV not in worker_env()  # restored after the command
+
+
+def test_eval_downloads_a_uri_checkpoint_a_run_or_a_model_dir(tmp_path, monkeypatch):
+    from orpo_ray.commands.eval import resolve_checkpoint
+    from orpo_ray.output_staging import STAGING_ENV
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    model = tmp_path / "bucket" / "run" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    for uri in (f"file://{model.parent}", f"file://{model}"):  # a run's output_dir, or the model dir itself
+        local = resolve_checkpoint(uri)
+        assert local.is_relative_to(tmp_path / "staging") and (local / "model.safetensors").read_bytes() == b"weights"
+    with pytest.raises(FileNotFoundError, match="neither it nor its model/ holds a saved model"):
+        resolve_checkpoint(f"file://{tmp_path / 'bucket'}")
