@@ -64,11 +64,12 @@ def build_segments(segment: Tensor, branch: Tensor, base: str, mask_dtype: torch
     if base not in BASES:
         raise ValueError(f"segment attention runs on {BASES} attention, not {base!r}")
     spans = segment_spans(segment)
+    on_host = branch.detach().cpu()  # one device sync per step, not one per segment
     masks = []
     for row, start, end in spans:
         br = branch[row, start:end]
         causal = torch.ones(end - start, end - start, dtype=torch.bool, device=branch.device).tril_()
-        if bool((br == 0).all()):  # one sequence: plain causal attention
+        if bool((on_host[row, start:end] == 0).all()):  # one sequence: plain causal attention
             allowed = None if base == "sdpa" else causal
         else:  # prompt (0) visible to all; a response branch sees only itself beyond the prompt
             allowed = causal & ((br.unsqueeze(0) == 0) | (br.unsqueeze(0) == br.unsqueeze(1)))
