@@ -89,7 +89,10 @@ def staged_output(cfg: Config):
         yield dataclasses.replace(cfg, output_dir=str(local))
     finally:
         for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
         if (local / LOCK_FILE).exists():  # ours is gone by now: another command is writing there (we were refused)
             print(f"[orpo-ray] not uploading {local}: another command holds it", flush=True)
         elif local.is_dir():

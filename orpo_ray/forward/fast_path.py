@@ -83,15 +83,15 @@ def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
             head_reason = _head_reason(inner)
             reasons = {"chunked_lm_head": head_reason}
             if any(k in wanted for k in LAYOUTS):
-                split = f"it needs the model's body and head separately, and {head_reason}" if head_reason else None
-                segments = "segment_attention" in wanted
-                reasons["segment_attention"] = split or (_layout_reason(inner, cfg, segments=True) if segments
-                                                         else None)
-                layout = split or (_layout_reason(inner, cfg, segments=False)
-                                   if not segments or reasons["segment_attention"] else None)
-                reasons.update({k: layout for k in LAYOUTS})
-                if layout:  # no packed layout: segment attention has nothing to run on
-                    reasons["segment_attention"] = layout
+                if head_reason:
+                    layout = segments = f"it needs the model's body and head separately, and {head_reason}"
+                else:
+                    segments = _layout_reason(inner, cfg, segments=True) if "segment_attention" in wanted else None
+                    # The dense block mask runs only where segment attention does not: off, or fallen back.
+                    dense = segments or "segment_attention" not in wanted
+                    layout = _layout_reason(inner, cfg, segments=False) if dense else None
+                # No packed layout: segment attention has nothing to run on.
+                reasons.update(dict.fromkeys(LAYOUTS, layout), segment_attention=layout or segments)
     finally:
         inner.train(was_training)
     for k in wanted:

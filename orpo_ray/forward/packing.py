@@ -27,7 +27,7 @@ from torch import Tensor
 from orpo_ray.forward.chunked_lm_head import causal_lm_parts, stats_from_targets
 from orpo_ray.forward.collate import collate_pairs, pair_rows
 from orpo_ray.forward.logprobs import TokenStats
-from orpo_ray.forward.segment_attention import segment_attention
+from orpo_ray.forward.segment_attention import additive_mask, segment_attention
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment", "packed_branch",
                "target_src", "target_ids", "target_dst", "target_is_prompt")
@@ -138,13 +138,11 @@ def block_attention_mask(segment: Tensor, branch: Tensor) -> Tensor:
 
 def mask_for_attention(mask: Tensor, body: torch.nn.Module) -> Tensor:
     """The block mask in the form the body's attention takes as-is: transformers passes a 4-D mask through
-    unchanged, sdpa reads a bool mask, but eager *adds* the mask to the scores, so it needs 0 / -inf-like
-    floats (a bool mask there would add 1 to allowed scores and mask nothing, silently)."""
+    unchanged, sdpa reads a bool mask, eager an additive one (`segment_attention.additive_mask`)."""
     impl = getattr(getattr(body, "config", None), "_attn_implementation", "sdpa")
     if impl == "sdpa":
         return mask
-    dtype = next(body.parameters()).dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return additive_mask(mask, next(body.parameters()).dtype)
 
 
 def packed_token_stats(

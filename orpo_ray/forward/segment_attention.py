@@ -59,6 +59,12 @@ def segment_spans(segment: Tensor) -> list[tuple[int, int, int]]:
     return [(b // width, b % width, b % width + (e - b)) for b, e, k in zip(begin, end, ids) if k >= 0]
 
 
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask (True = may attend) as eager attention takes it: eager *adds* the mask to the scores, so it
+    needs 0 / -inf-like floats (a bool mask there would add 1 to allowed scores and mask nothing, silently)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def build_segments(segment: Tensor, branch: Tensor, base: str, mask_dtype: torch.dtype) -> Segments:
     """`Segments` for a ``collate_packed`` batch; ``mask_dtype``: the dtype of eager's additive masks."""
     if base not in BASES:
@@ -67,16 +73,15 @@ def build_segments(segment: Tensor, branch: Tensor, base: str, mask_dtype: torch
     on_host = branch.detach().cpu()  # one device sync per step, not one per segment
     masks = []
     for row, start, end in spans:
+        one_sequence = bool((on_host[row, start:end] == 0).all())
+        if one_sequence and base == "sdpa":  # plain causal attention: sdpa's is_causal kernel, no mask
+            masks.append(None)
+            continue
         br = branch[row, start:end]
-        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=branch.device).tril_()
-        if bool((on_host[row, start:end] == 0).all()):  # one sequence: plain causal attention
-            allowed = None if base == "sdpa" else causal
-        else:  # prompt (0) visible to all; a response branch sees only itself beyond the prompt
-            allowed = causal & ((br.unsqueeze(0) == 0) | (br.unsqueeze(0) == br.unsqueeze(1)))
-        if allowed is not None and base == "eager":  # eager *adds* the mask to the scores
-            allowed = torch.zeros(allowed.shape, dtype=mask_dtype, device=allowed.device).masked_fill_(
-                ~allowed, torch.finfo(mask_dtype).min)
-        masks.append(None if allowed is None else allowed[None, None])
+        allowed = torch.ones(end - start, end - start, dtype=torch.bool, device=branch.device).tril_()
+        if not one_sequence:  # prompt (0) visible to all; a response branch sees only itself beyond the prompt
+            allowed &= (br.unsqueeze(0) == 0) | (br.unsqueeze(0) == br.unsqueeze(1))
+        masks.append((additive_mask(allowed, mask_dtype) if base == "eager" else allowed)[None, None])
     return Segments(base, tuple(spans), tuple(masks))
 
 
