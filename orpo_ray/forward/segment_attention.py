@@ -105,20 +105,30 @@ def segmented_attention_forward(module: torch.nn.Module, query: Tensor, key: Ten
                            "pass its forward's keyword arguments to its attention")
     base = _base_function(module, segments.base)
     rows, length = query.shape[0], query.shape[2]
-    pieces: list[list[Tensor]] = [[] for _ in range(rows)]
-    filled = [0] * rows
+    by_row: list[list[tuple[int, int, Tensor | None]]] = [[] for _ in range(rows)]
     for (row, start, end), mask in zip(segments.spans, segments.masks):
-        q, k, v = (t[row:row + 1, :, start:end] for t in (query, key, value))
-        out, _ = base(module, q, k, v, mask, **kwargs)
-        if start > filled[row]:
-            pieces[row].append(out.new_zeros(1, start - filled[row], *out.shape[2:]))
-        pieces[row].append(out)
-        filled[row] = end
-    template = pieces[next(r for r in range(rows) if pieces[r])][-1]
-    for row in range(rows):
-        if filled[row] < length:
-            pieces[row].append(template.new_zeros(1, length - filled[row], *template.shape[2:]))
-    return torch.cat([torch.cat(p, dim=1) for p in pieces], dim=0), None
+        by_row[row].append((start, end, mask))
+    outputs = []
+    for row, spans in enumerate(by_row):
+        # One split per row and tensor, not a slice per segment: a slice's backward writes its gradient into a
+        # zero tensor the size of the whole row (one per segment, then all summed); a split's is one concatenation.
+        sizes, kept, filled = [], [], 0
+        for start, end, mask in spans:
+            if start > filled:
+                sizes.append(start - filled)
+            kept.append((len(sizes), mask))
+            sizes.append(end - start)
+            filled = end
+        if filled < length:
+            sizes.append(length - filled)
+        q, k, v = ((t if rows == 1 else t[row:row + 1]).split(sizes, dim=2) for t in (query, key, value))
+        pieces: list[Tensor | int] = list(sizes)  # a gap stays its length until zeros of the right shape exist
+        for i, mask in kept:
+            pieces[i], _ = base(module, q[i], k[i], v[i], mask, **kwargs)
+        outputs.append(pieces)
+    template = next(p for pieces in outputs for p in pieces if isinstance(p, Tensor))
+    return torch.cat([torch.cat([p if isinstance(p, Tensor) else template.new_zeros(1, p, *template.shape[2:])
+                                 for p in pieces], dim=1) for pieces in outputs], dim=0), None
 
 
 AttentionInterface.register(IMPLEMENTATION, segmented_attention_forward)

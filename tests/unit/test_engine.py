@@ -167,7 +167,7 @@ def test_build_deepspeed_config():
     assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["gradient_clipping"] == 1.0 and cfg["steps_per_print"] == 5
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                            "weight_decay": 0.01, "torch_adam": True}}
+                                                            "weight_decay": 0.01, "torch_adam": True, "fused": True}}
     assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
     with pytest.raises(ValueError):
         build_deepspeed_config({}, micro_batch_size=0, grad_accum=1, lr=1e-4, weight_decay=0, max_grad_norm=1,
