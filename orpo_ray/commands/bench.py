@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -239,10 +240,15 @@ def _leg_main(spec_path: str, out_path: str) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 def run_leg(spec: dict, work: Path, repeats: int) -> tuple[list[dict], str | None]:
     """Run one leg `repeats` times, each in its own subprocess (its own peak RSS): (results, error or None)."""
-    spec_path, result_path = work / f"{spec['name']}.spec.json", work / f"{spec['name']}.result.json"
-    spec_path.write_text(json.dumps(spec))
+    result_path = work / f"{spec['name']}.result.json"
     runs = []
-    for _ in range(max(1, repeats)):
+    for repeat in range(max(1, repeats)):
+        # Each repeat trains in its own, emptied output_dir: `orpo-ray train` does not retrain a finished run's
+        # directory (it reports the finished results), so a reused one would repeat one measurement.
+        run_dir = Path(spec["work"]) / f"run{repeat}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        spec_path = work / f"{spec['name']}.{repeat}.spec.json"
+        spec_path.write_text(json.dumps({**spec, "work": str(run_dir)}))
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "orpo_ray.commands.bench", "--leg", str(spec_path), "--out",
                                str(result_path)], capture_output=True, text=True)
