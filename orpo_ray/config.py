@@ -216,6 +216,9 @@ class EfficiencySection:
         True, "Apply the lm-head chunk by chunk to the positions that have targets only; never hold [2B, T, V]."
     )
     lm_head_chunk_size: int = _f(1024, "Positions per lm-head chunk (the fp32 temporary is chunk x vocab).")
+    fused_loss: bool = _f(
+        True, "With chunked_lm_head (lm_head: chunked): the lm-head computes the loss and its gradient in its forward, "
+        "group of whole pairs by group (forward/fused_loss.py), so backward does not compute the logits again.")
     prefix_sharing: bool = _f(
         True, "Encode each prompt once: one sequence [prompt | chosen | rejected] with a block attention mask."
     )

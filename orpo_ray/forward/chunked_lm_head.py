@@ -23,7 +23,7 @@ Pure module: torch only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -95,12 +95,65 @@ def _logit_buffer(m: int, chunk: int, w: Tensor, acc: torch.dtype) -> Tensor | N
     return torch.empty(min(m, chunk), w.shape[0], dtype=acc, device=w.device) if w.dtype == acc else None
 
 
-def _logsumexp_(logits: Tensor) -> Tensor:
-    """log(sum(exp(logits), -1)), overwriting ``logits``: torch.logsumexp allocates a chunk-sized temporary per
-    call (and glibc page-faults a fresh 32 MB one in each time), here the chunk's own buffer is reused."""
+def _logsumexp_(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(log(sum(exp(logits), -1)), the row maxima), overwriting ``logits`` with exp(logits - row max).
+
+    torch.logsumexp allocates a chunk-sized temporary per call (and glibc page-faults a fresh 32 MB one in each
+    time); here the chunk's own buffer is reused. What is left in it is the softmax up to a per-row factor
+    exp(max - lse), which `_FusedPreferenceLoss` turns into the gradient without recomputing the logits."""
     top = logits.amax(-1, keepdim=True)
     top.masked_fill_(~torch.isfinite(top), 0.0)  # an all -inf row gives -inf, not NaN (as torch.logsumexp)
-    return logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+    top = top.squeeze(-1)
+    return logits.sub_(top.unsqueeze(-1)).exp_().sum(-1).log_().add_(top), top
+
+
+def _logit_grad_(probs: Tensor, targets: Tensor, g: Tensor, logits: Tensor | None,
+                 post: tuple[float, float | None]) -> Tensor:
+    """d(sum_i g_i log_softmax(post(z))_i[target_i]) / dz for one chunk, written over ``probs`` (its softmax).
+
+    logits: the chunk's post-processed logits x, needed only for a soft-cap's derivative (x = c tanh(u / c):
+    dx/du = 1 - (x / c)^2); g: [rows, 1] upstream gradient of each row's log-prob."""
+    scale, softcap = post
+    grad = probs.mul_(-g)  # d(x_target - lse)/dx = onehot(target) - softmax(x)
+    grad.scatter_add_(-1, targets.unsqueeze(-1), g)
+    if softcap is not None:
+        grad.mul_(1 - (logits / softcap).square_())
+    if scale != 1.0:
+        grad.mul_(scale)
+    return grad
+
+
+class _InputGrads:
+    """Gradients of the lm-head's inputs, accumulated chunk by chunk from each chunk's logit gradient."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype,
+                 need: tuple[bool, bool, bool]):
+        self.hidden = torch.empty_like(hidden) if need[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+        self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need[2] else None
+
+    def add(self, rows: slice, grad: Tensor, h: Tensor, w: Tensor) -> None:
+        """grad: [rows, V] d(loss)/d(logits) in the accumulation dtype; h, w: the chunk's matmul inputs."""
+        if self.bias is not None:
+            self.bias += grad.sum(0)
+        grad = grad.to(w.dtype)
+        if self.hidden is not None:
+            self.hidden[rows] = (grad @ w).to(self.hidden.dtype)
+        if self.weight is not None:
+            if grad.dtype == self.weight.dtype:  # accumulate in place: no [V, H] temporary per chunk
+                self.weight.addmm_(grad.T, h)
+            else:
+                self.weight += (grad.T @ h).to(self.weight.dtype)
+
+    def scaled(self, weight: Tensor, bias: Tensor | None, by: Tensor | None = None):
+        """(hidden, weight, bias) gradients in the parameters' dtypes, times ``by`` (an upstream scalar)."""
+        out = []
+        for grad, like in ((self.hidden, None), (self.weight, weight), (self.bias, bias)):
+            if grad is not None:
+                grad = grad if by is None else grad * by.to(grad.dtype)
+                grad = grad if like is None else grad.to(like.dtype)
+            out.append(grad)
+        return tuple(out)
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -176,7 +229,7 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
                 logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b, post, acc, buffer)
                 sums[rows] = logits.sum(-1)
                 picked[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
-                lse[rows] = _logsumexp_(logits)
+                lse[rows] = _logsumexp_(logits)[0]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.compute_dtype, ctx.post = chunk, compute_dtype, post
         ctx.mark_non_differentiable(sums)
@@ -186,44 +239,21 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps: Tensor, _grad_sums: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        cd, (scale, softcap) = ctx.compute_dtype, ctx.post
+        cd, post = ctx.compute_dtype, ctx.post
         w = weight.to(cd)
         b = None if bias is None else bias.to(cd)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        grad_bias = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b else None
+        grads = _InputGrads(hidden, weight, bias, lse.dtype, ctx.needs_input_grad[:3])
         buffer = _logit_buffer(hidden.shape[0], ctx.chunk, w, lse.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 h = hidden[rows].to(cd)
+                logits = _chunk_logits(h, w, b, post, lse.dtype, buffer)
+                # the softmax in place on this chunk's fresh logits, unless the soft-cap's derivative needs them
+                probs = (logits.clone() if post[1] is not None else logits).sub_(lse[rows].unsqueeze(-1)).exp_()
                 g = grad_logps[rows].to(lse.dtype).unsqueeze(-1)
-                logits = _chunk_logits(h, w, b, (scale, softcap), lse.dtype, buffer)
-                # d(x_target - lse)/dx = onehot(target) - softmax(x); in place on this chunk's fresh logits
-                # unless the soft-cap's derivative still needs them.
-                grad = logits.clone() if softcap is not None else logits
-                grad.sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-g)
-                grad.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
-                if softcap is not None:  # x = c * tanh(u / c): dx/du = 1 - (x / c)^2
-                    grad.mul_(1 - (logits / softcap).square_())
-                if scale != 1.0:
-                    grad.mul_(scale)
-                if grad_bias is not None:
-                    grad_bias += grad.sum(0)
-                grad = grad.to(cd)
-                if grad_hidden is not None:
-                    grad_hidden[rows] = (grad @ w).to(hidden.dtype)
-                if grad_weight is not None:
-                    if grad.dtype == grad_weight.dtype:  # accumulate in place: no [V, H] temporary per chunk
-                        grad_weight.addmm_(grad.T, h)
-                    else:
-                        grad_weight += (grad.T @ h).to(grad_weight.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+                grads.add(rows, _logit_grad_(probs, targets[rows], g, logits, post), h, w)
+        return (*grads.scaled(weight, bias), None, None, None, None)
 
 
 def chunked_target_logps(hidden: Tensor, head: LmHead | Tensor, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
@@ -239,21 +269,35 @@ def chunked_target_logps(hidden: Tensor, head: LmHead | Tensor, targets: Tensor,
 TargetLogpsFn = Callable[[Tensor, LmHead, Tensor], tuple[Tensor, Tensor]]
 
 
-def stats_from_targets(
-    hidden_flat: Tensor,
-    head: LmHead,
-    src: Tensor,
-    target_ids: Tensor,
-    dst: Tensor,
-    shape: tuple[int, int],
-    chunk: int | None | TargetLogpsFn,
-) -> TokenStats:
+class LmHeadTargets(NamedTuple):
+    """What the lm-head needs after the model's body ran: where the targets are and where results go.
+
+    hidden_flat: [N * L, H] the body's last hidden states, flattened; head: the model's `LmHead`;
+    src: [M] indices into ``hidden_flat`` (the position predicting each target); ids: [M] target token ids;
+    dst: [M] flat indices into the padded [2B, T] layout of ``collate.collate_pairs``; shape: (2B, T).
+    """
+
+    hidden_flat: Tensor
+    head: LmHead
+    src: Tensor
+    ids: Tensor
+    dst: Tensor
+    shape: tuple[int, int]
+
+    def scatter(self, per_target: Tensor) -> Tensor:
+        """[M] per-target values -> [2B, T], zero where nothing is targeted."""
+        flat = per_target.new_zeros(self.shape[0] * self.shape[1]).index_put((self.dst,), per_target)
+        return flat.view(self.shape)
+
+
+def stats_from_targets(targets: LmHeadTargets, chunk: int | None | TargetLogpsFn) -> TokenStats:
     """Per-target log-probs from ``hidden_flat[src]``, scattered to ``dst`` of a zero [2B, T] TokenStats.
 
     chunk: rows per lm-head chunk; ``None`` applies ``head`` to *every* row of ``hidden_flat`` at once (the
     un-chunked variant, kept for the ablation: full logits, then the target rows are picked); or a function
     with `chunked_target_logps`' contract less the chunk size (``liger_lm_head.liger_target_logps``).
     """
+    hidden_flat, head, src, target_ids = targets.hidden_flat, targets.head, targets.src, targets.ids
     if callable(chunk):
         logps, sums = chunk(hidden_flat.index_select(0, src), head, target_ids)
     elif chunk is None:
@@ -262,10 +306,7 @@ def stats_from_targets(
         sums = logits.detach().sum(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     else:
         logps, sums = chunked_target_logps(hidden_flat.index_select(0, src), head, target_ids, chunk)
-    n = shape[0] * shape[1]
-    flat_logps = logps.new_zeros(n).index_put((dst,), logps)
-    flat_sums = sums.new_zeros(n).index_put((dst,), sums.detach())
-    return TokenStats(flat_logps.view(shape), flat_sums.view(shape), head.weight.shape[0])
+    return TokenStats(targets.scatter(logps), targets.scatter(sums.detach()), head.weight.shape[0])
 
 
 def padded_targets(batch: Mapping[str, Tensor], nll_on_prompt: bool) -> Tensor:
@@ -282,14 +323,18 @@ def padded_targets(batch: Mapping[str, Tensor], nll_on_prompt: bool) -> Tensor:
     return needed.flatten().nonzero().squeeze(-1)
 
 
+def padded_lm_head_targets(model: torch.nn.Module, batch: Mapping[str, Tensor], nll_on_prompt: bool) -> LmHeadTargets:
+    """The body on the padded [2B, T] batch; the targets are the positions some loss term reads."""
+    body, head = causal_lm_parts(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = hidden.last_hidden_state
+    dst = padded_targets(batch, nll_on_prompt)
+    ids = batch["input_ids"].flatten().index_select(0, dst)
+    return LmHeadTargets(hidden.reshape(-1, hidden.shape[-1]), head, dst - 1, ids, dst, tuple(batch["input_ids"].shape))
+
+
 def chunked_padded_token_stats(
     model: torch.nn.Module, batch: Mapping[str, Tensor], nll_on_prompt: bool, chunk: int
 ) -> TokenStats:
     """``TokenStatsFn`` for the padded layout: body on [2B, T], lm-head only on target positions, chunked."""
-    body, head = causal_lm_parts(model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    hidden = hidden.last_hidden_state
-    shape = tuple(batch["input_ids"].shape)
-    dst = padded_targets(batch, nll_on_prompt)
-    ids = batch["input_ids"].flatten().index_select(0, dst)
-    return stats_from_targets(hidden.reshape(-1, hidden.shape[-1]), head, dst - 1, ids, dst, shape, chunk)
+    return stats_from_targets(padded_lm_head_targets(model, batch, nll_on_prompt), chunk)

@@ -8,6 +8,9 @@ One place that maps the switches to functions, so the training loop, evaluation 
     (chunked_lm_head's target rows go through ``liger_lm_head.liger_target_logps`` with ``lm_head: liger``)
     nothing                   -> ``collate.collate_pairs`` + ``logprobs.full_logits_token_stats``
 
+Training takes the loss from ``make_policy_loss``: with chunked_lm_head and fused_loss, the lm-head computes it
+(``fused_loss.fused_policy_loss`` on the same target rows); otherwise ``policy_forward`` + ``Objective.loss``.
+
 Precision (bf16 autocast) is ``train.precision`` and applies on every path. Pure module: torch only.
 """
 
@@ -17,11 +20,12 @@ from functools import partial
 from typing import Callable
 
 from orpo_ray.config import Config
-from orpo_ray.forward.chunked_lm_head import chunked_padded_token_stats
+from orpo_ray.forward.chunked_lm_head import chunked_padded_token_stats, padded_lm_head_targets
 from orpo_ray.forward.collate import collate_pairs
 from orpo_ray.forward.liger_lm_head import liger_target_logps
-from orpo_ray.forward.logprobs import TokenStatsFn, full_logits_token_stats
-from orpo_ray.forward.packing import collate_packed, packed_token_stats
+from orpo_ray.forward.fused_loss import fused_policy_loss
+from orpo_ray.forward.logprobs import TokenStatsFn, full_logits_token_stats, policy_forward
+from orpo_ray.forward.packing import collate_packed, packed_lm_head_targets, packed_token_stats
 
 
 def uses_packed_layout(cfg: Config) -> bool:
@@ -56,3 +60,30 @@ def make_token_stats(cfg: Config, nll_on_prompt: bool) -> TokenStatsFn:
     if chunk is not None:
         return partial(chunked_padded_token_stats, nll_on_prompt=nll_on_prompt, chunk=chunk)
     return full_logits_token_stats
+
+
+# (model, batch, nll_weight) -> (loss, detached metrics): one micro-batch's training loss
+PolicyLossFn = Callable[[object, dict, float], tuple]
+
+
+def make_policy_loss(cfg: Config, objective) -> PolicyLossFn:
+    """The training loss of one micro-batch made by ``make_collate``, for ``objective`` (an ``Objective``)."""
+    e = cfg.efficiency
+    if e.chunked_lm_head and e.lm_head == "chunked" and e.fused_loss:
+        nll_on_prompt = objective.nll_on_prompt
+        if uses_packed_layout(cfg):
+            targets = partial(packed_lm_head_targets, nll_on_prompt=nll_on_prompt, segments=e.segment_attention)
+        else:
+            targets = partial(padded_lm_head_targets, nll_on_prompt=nll_on_prompt)
+
+        def fused(model, batch, nll_weight: float = 1.0):
+            return fused_policy_loss(targets(model, batch), batch, objective, nll_weight, e.lm_head_chunk_size)
+
+        return fused
+    token_stats = make_token_stats(cfg, objective.nll_on_prompt)
+
+    def unfused(model, batch, nll_weight: float = 1.0):
+        return objective.loss(policy_forward(model, batch, objective.nll_on_prompt, token_stats=token_stats),
+                              nll_weight)
+
+    return unfused

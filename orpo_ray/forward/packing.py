@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from orpo_ray.forward.chunked_lm_head import causal_lm_parts, stats_from_targets
+from orpo_ray.forward.chunked_lm_head import LmHeadTargets, causal_lm_parts, stats_from_targets
 from orpo_ray.forward.collate import collate_pairs, pair_rows
 from orpo_ray.forward.logprobs import TokenStats
 from orpo_ray.forward.segment_attention import additive_mask, segment_attention
@@ -145,12 +145,9 @@ def mask_for_attention(mask: Tensor, body: torch.nn.Module) -> Tensor:
     return additive_mask(mask, next(body.parameters()).dtype)
 
 
-def packed_token_stats(
-    model: torch.nn.Module, batch: Mapping[str, Tensor], nll_on_prompt: bool, chunk: int | None,
-    segments: bool = False,
-) -> TokenStats:
-    """``TokenStatsFn`` for ``collate_packed`` batches: one body pass over the packed rows, then the lm-head
-    on the target positions (chunked unless ``chunk`` is None), scattered into the padded [2B, T] layout.
+def packed_lm_head_targets(model: torch.nn.Module, batch: Mapping[str, Tensor], nll_on_prompt: bool,
+                           segments: bool = False) -> LmHeadTargets:
+    """One body pass over the packed rows; the targets are the positions some loss term reads.
 
     segments: attention segment by segment (`segment_attention`) instead of under the dense block mask."""
     body, head = causal_lm_parts(model)
@@ -163,5 +160,13 @@ def packed_token_stats(
         hidden = body(**inputs, attention_mask=mask).last_hidden_state
     keep = slice(None) if nll_on_prompt else ~batch["target_is_prompt"]
     src, ids, dst = (batch[k][keep] for k in ("target_src", "target_ids", "target_dst"))
-    shape = tuple(batch["input_ids"].shape)
-    return stats_from_targets(hidden.reshape(-1, hidden.shape[-1]), head, src, ids, dst, shape, chunk)
+    return LmHeadTargets(hidden.reshape(-1, hidden.shape[-1]), head, src, ids, dst, tuple(batch["input_ids"].shape))
+
+
+def packed_token_stats(
+    model: torch.nn.Module, batch: Mapping[str, Tensor], nll_on_prompt: bool, chunk: int | None,
+    segments: bool = False,
+) -> TokenStats:
+    """``TokenStatsFn`` for ``collate_packed`` batches: `packed_lm_head_targets`, then the lm-head on the target
+    positions (chunked unless ``chunk`` is None), scattered into the padded [2B, T] layout."""
+    return stats_from_targets(packed_lm_head_targets(model, batch, nll_on_prompt, segments), chunk)

@@ -70,6 +70,19 @@ class Objective(ABC):
     def eval_loss(self, pooled: Mapping[str, float]) -> float:
         """The held-out loss from metrics pooled over the eval set (see the pooling contract above)."""
 
+    # The loss split by pair: loss(out, w) = mean(preference_terms(out)) + nll_coefficient * w * out.nll. The
+    # fused lm-head (forward/fused_loss.py) sums it over groups of whole pairs, so it can take each group's
+    # gradient while that group's logits are still in memory; tests/unit/test_objectives.py holds every objective
+    # to this identity.
+    @property
+    @abstractmethod
+    def nll_coefficient(self) -> float:
+        """Weight of the (token-mean, weighted) NLL in the loss."""
+
+    @abstractmethod
+    def preference_terms(self, out: PolicyOutputs) -> Tensor:
+        """[B] each pair's preference term of the loss (fp32, differentiable); ``out.nll`` is not read."""
+
 
 def step_nll_weights(micro_batch_tokens: list[float], step_tokens: float, micro_batches_in_step: int) -> list[float]:
     """Weights that turn per-micro-batch token-mean NLLs into the token mean of the whole optimizer step.
@@ -138,9 +151,17 @@ class SigmoidPreference(Objective):
     def sequence_logps(self, out: PolicyOutputs) -> tuple[Tensor, Tensor]:
         """([B] chosen, [B] rejected) fp32 sequence log-probs the preference term compares."""
 
+    @property
+    def nll_coefficient(self) -> float:
+        return self.alpha
+
+    def preference_terms(self, out: PolicyOutputs) -> Tensor:
+        chosen, rejected = (x.float() for x in self.sequence_logps(out))
+        return -F.logsigmoid(self.beta * (chosen - rejected) - self.gamma)
+
     def loss(self, out: PolicyOutputs, nll_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected = (x.float() for x in self.sequence_logps(out))
-        preference = -F.logsigmoid(self.beta * (chosen - rejected) - self.gamma).mean()
+        preference = self.preference_terms(out).mean()
         nll = out.nll.float() * nll_weight
         loss = preference + self.alpha * nll
         metrics = shared_metrics(out, self.beta, chosen, rejected, nll)

@@ -114,6 +114,11 @@ class ORPO(Objective):
     def from_config(cls, cfg: Any) -> "ORPO":
         return cls(beta=cfg.orpo.beta, nll_on_prompt=cfg.orpo.nll_on_prompt)
 
+    nll_coefficient: ClassVar[float] = 1.0  # L_SFT + beta * L_OR
+
+    def preference_terms(self, out: PolicyOutputs) -> Tensor:
+        return self.beta * odds_ratio_loss(out.chosen_logps.float(), out.rejected_logps.float())
+
     def loss(self, out: PolicyOutputs, nll_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         return orpo_loss(out, self.beta, nll_weight)
 

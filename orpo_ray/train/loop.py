@@ -22,8 +22,8 @@ from orpo_ray.config import Config, config_from_dict
 from orpo_ray.console import progress_interval
 from orpo_ray.data.tokenize import use_chat_template
 from orpo_ray.forward.fast_path import resolve_fast_path
-from orpo_ray.forward.layouts import make_collate, make_token_stats
-from orpo_ray.forward.logprobs import nll_target_mask, policy_forward
+from orpo_ray.forward.layouts import make_collate, make_policy_loss
+from orpo_ray.forward.logprobs import nll_target_mask
 from orpo_ray.modeling import (
     export_merged,
     export_model,
@@ -138,7 +138,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     timed_steps, timed_seconds = 0, 0.0  # optimisation loop only: first step (warm-up) and eval excluded
     timed_tokens = step_tokens = 0      # non-pad tokens (prompt counted in both sequences of a pair, as TRL feeds them)
     nll_on_prompt = objective.nll_on_prompt
-    collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg, nll_on_prompt)
+    collate, policy_loss = make_collate(cfg, pad_id), make_policy_loss(cfg, objective)
     wall_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=objective.name, disable=not (is_main and t.progress_bar),
                file=sys.stdout, dynamic_ncols=True, mininterval=progress_interval(sys.stdout))
@@ -155,8 +155,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         nll_weights = step_nll_weights(nll_tokens, step_nll_tokens, len(micro_batches) * runtime.world_size)
         for batch, nll_weight in zip(micro_batches, nll_weights):
             with autocast_context(precision, runtime.device):
-                out = policy_forward(engine.model, batch, nll_on_prompt, token_stats=token_stats)
-            loss, metrics = objective.loss(out, nll_weight)
+                loss, metrics = policy_loss(engine.model, batch, nll_weight)
             engine.backward(loss)
             engine.step()  # DeepSpeed semantics: only updates at the accumulation boundary
             window.add(metrics)

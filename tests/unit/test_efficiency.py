@@ -7,9 +7,11 @@ import torch
 
 from orpo_ray.forward.chunked_lm_head import LmHead, chunked_target_logps
 from orpo_ray.config import Config, EfficiencySection, ModelSection, OrpoSection, TinyModelSection
-from orpo_ray.forward.layouts import make_collate, make_token_stats
-from orpo_ray.forward.logprobs import policy_forward
-from orpo_ray.objectives.orpo import orpo_loss
+from orpo_ray.forward.layouts import make_collate, make_policy_loss
+from orpo_ray.objectives import build_objective
+from orpo_ray.objectives.cpo import CPO
+from orpo_ray.objectives.orpo import ORPO
+from orpo_ray.objectives.simpo import SimPO
 from orpo_ray.modeling import build_tiny_model
 from orpo_ray.forward.packing import block_attention_mask, collate_packed
 from orpo_ray.precision import autocast_context
@@ -28,14 +30,16 @@ def _rows(seed=0, pairs=3):
              "rejected_ids": draw(1, 7) + [TOK.eos_token_id]} for _ in range(pairs)]
 
 
-def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precision="fp32"):
+def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precision="fp32", objective=None):
+    """One training micro-batch's loss, metrics and gradients as the loop takes them (an NLL weight of 0.6, as a
+    micro-batch with fewer NLL tokens than its step's average gets)."""
     cfg = dataclasses.replace(Config(), efficiency=eff, orpo=OrpoSection(beta=0.3, nll_on_prompt=nll_on_prompt))
     cfg.data.max_length = 32
     model.zero_grad()
     batch = make_collate(cfg, TOK.pad_token_id)(rows)
     with autocast_context(precision):
-        out = policy_forward(model, batch, nll_on_prompt, token_stats=make_token_stats(cfg, nll_on_prompt))
-    loss, metrics = orpo_loss(out, cfg.orpo.beta)
+        loss, metrics = make_policy_loss(cfg, objective or build_objective(cfg))(model, batch, 0.6)
+    torch.testing.assert_close(loss.detach().float(), metrics["loss"], rtol=1e-5, atol=1e-6)
     loss.backward()
     return metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -51,6 +55,10 @@ SWITCHES = {
     "prefix+segments, a pair per row": dataclasses.replace(PLAIN, prefix_sharing=True, segment_attention=True),
     "prefix+packing+chunked+segments, rows of 64": EfficiencySection(lm_head_chunk_size=7, pack_length=64),
     "the defaults (all on, one row)": EfficiencySection(lm_head_chunk_size=7),
+    "the defaults, a group per pair": EfficiencySection(lm_head_chunk_size=1),
+    "the defaults, one group": EfficiencySection(),
+    "the defaults, loss not fused": EfficiencySection(lm_head_chunk_size=7, fused_loss=False),
+    "chunked, loss not fused": dataclasses.replace(PLAIN, chunked_lm_head=True, lm_head_chunk_size=5, fused_loss=False),
 }
 
 
@@ -62,6 +70,19 @@ def test_switch_matches_plain_path_fp32(name, nll_on_prompt):
     m, g = _loss_and_grads(model, SWITCHES[name], rows, nll_on_prompt)
     for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
         torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert_gradients_equal(g, ref_g)
+
+
+@pytest.mark.parametrize("objective", [SimPO(beta=2.0, gamma=0.5, alpha=0.3), CPO(beta=0.1, alpha=0.7),
+                                       ORPO(beta=0.0), SimPO(beta=2.0, alpha=0.0)], ids=repr)
+@pytest.mark.parametrize("name", ["the defaults (all on, one row)", "chunked"])
+def test_every_objective_through_the_fused_loss_matches_the_plain_path(objective, name):
+    model, rows = build_tiny_model(MODEL_CFG, TOK), _rows(seed=2, pairs=4)
+    ref_m, ref_g = _loss_and_grads(model, PLAIN, rows, False, objective=objective)
+    m, g = _loss_and_grads(model, SWITCHES[name], rows, False, objective=objective)
+    for k in ref_m:
+        if not k.startswith("logits/"):
+            torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-6, msg=k)
     assert_gradients_equal(g, ref_g)
 
 

@@ -8,8 +8,9 @@ import torch
 
 from orpo_ray.config import Config, EfficiencySection, OrpoSection
 from orpo_ray.forward.fast_path import SWITCHES, resolve_fast_path
-from orpo_ray.forward.layouts import make_collate, make_token_stats
+from orpo_ray.forward.layouts import make_collate, make_policy_loss
 from orpo_ray.forward.logprobs import policy_forward
+from orpo_ray.objectives import build_objective
 from orpo_ray.objectives.orpo import orpo_loss
 from orpo_ray.commands.families import FAMILIES, build_model
 from tests.unit.gradients import assert_gradients_equal
@@ -35,8 +36,7 @@ def _cfg(eff=None):
 def _loss_and_grads(model, cfg, rows):
     model.zero_grad()
     batch = make_collate(cfg, PAD)(rows)
-    out = policy_forward(model, batch, cfg.orpo.nll_on_prompt, token_stats=make_token_stats(cfg, cfg.orpo.nll_on_prompt))
-    loss, metrics = orpo_loss(out, cfg.orpo.beta)
+    loss, metrics = make_policy_loss(cfg, build_objective(cfg))(model, batch)
     loss.backward()
     return metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

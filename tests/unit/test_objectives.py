@@ -95,6 +95,20 @@ def test_orpo_objective_is_orpo_loss():
         k: v.item() for k, v in ref_m.items()}
 
 
+@pytest.mark.parametrize("objective", [ORPO(beta=0.3), SimPO(beta=2.0, gamma=0.4, alpha=0.6), CPO(beta=0.1, alpha=0.7)],
+                         ids=repr)
+def test_loss_is_the_mean_of_its_pair_terms_plus_the_weighted_nll(objective):
+    """The split the fused lm-head sums group by group (forward/fused_loss.py); worked by hand for ORPO."""
+    out = _outputs([-1.0, -0.3], [-2.0, -0.2], nll=1.2, chosen_tokens=[3.0, 2.0], rejected_tokens=[2.0, 5.0])
+    loss, _ = objective.loss(out, nll_weight=0.5)
+    split = objective.preference_terms(out).mean() + objective.nll_coefficient * 0.5 * out.nll
+    torch.testing.assert_close(loss, split, rtol=1e-6, atol=1e-7)
+    if isinstance(objective, ORPO):  # log odds(p) = log p - log(1 - p); L_OR = log(1 + exp(-ratio))
+        lo = lambda lp: lp - math.log(1 - math.exp(lp))  # noqa: E731
+        terms = [0.3 * math.log1p(math.exp(-(lo(c) - lo(r)))) for c, r in ((-1.0, -2.0), (-0.3, -0.2))]
+        torch.testing.assert_close(objective.preference_terms(out), torch.tensor(terms), rtol=1e-6, atol=1e-7)
+
+
 def _rows(pairs):
     return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs]
 
