@@ -156,6 +156,40 @@ class _InputGrads:
         return tuple(out)
 
 
+def _operands(weight: Tensor, bias: Tensor | None, compute_dtype: torch.dtype):
+    """(accumulation dtype, weight, bias) for the chunk matmuls: operands in ``compute_dtype``, results in fp32
+    (fp64 for fp64)."""
+    b = None if bias is None else bias.to(compute_dtype)
+    return torch.promote_types(compute_dtype, torch.float32), weight.to(compute_dtype), b
+
+
+class _ChunkForward(NamedTuple):
+    shifted_exp: Tensor  # [rows, V] exp(logits - top), in the chunk's buffer
+    logit_sums: Tensor   # [rows]
+    target_logps: Tensor  # [rows] log p(target)
+    lse: Tensor          # [rows]
+    top: Tensor          # [rows] the row maxima (lse - top = log of shifted_exp's row sums)
+
+
+def _chunk_forward(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, float | None], acc: torch.dtype,
+                   buffer: Tensor | None, targets: Tensor) -> _ChunkForward:
+    """One chunk's logits reduced to what both lm-head functions keep."""
+    logits = _chunk_logits(h, w, b, post, acc, buffer)
+    sums = logits.sum(-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lse, top = _logsumexp_(logits)
+    return _ChunkForward(logits, sums, picked - lse, lse, top)
+
+
+def _recomputed_softmax(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, float | None],
+                        acc: torch.dtype, buffer: Tensor | None, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """(softmax, logits) of a chunk computed again from its saved log-sum-exp: in place on the fresh logits,
+    unless a soft-cap's derivative still needs them."""
+    logits = _chunk_logits(h, w, b, post, acc, buffer)
+    probs = (logits.clone() if post[1] is not None else logits).sub_(lse.unsqueeze(-1)).exp_()
+    return probs, logits
+
+
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face causal LM inside DeepSpeed/DDP engines (``.module``) and PEFT wrappers.
 
@@ -215,42 +249,32 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
                 compute_dtype: torch.dtype, post: tuple[float, float | None]):
-        acc = torch.promote_types(compute_dtype, torch.float32)
-        w = weight.to(compute_dtype)
-        b = None if bias is None else bias.to(compute_dtype)
-        m = hidden.shape[0]
-        lse = torch.empty(m, dtype=acc, device=hidden.device)
-        picked = torch.empty(m, dtype=acc, device=hidden.device)
-        sums = torch.empty(m, dtype=acc, device=hidden.device)
-        buffer = _logit_buffer(m, chunk, w, acc)
+        acc, w, b = _operands(weight, bias, compute_dtype)
+        logps, lse, sums = (torch.empty(hidden.shape[0], dtype=acc, device=hidden.device) for _ in range(3))
+        buffer = _logit_buffer(hidden.shape[0], chunk, w, acc)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, m, chunk):
+            for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b, post, acc, buffer)
-                sums[rows] = logits.sum(-1)
-                picked[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
-                lse[rows] = _logsumexp_(logits)[0]
+                out = _chunk_forward(hidden[rows].to(compute_dtype), w, b, post, acc, buffer, targets[rows])
+                logps[rows], lse[rows], sums[rows] = out.target_logps, out.lse, out.logit_sums
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.compute_dtype, ctx.post = chunk, compute_dtype, post
         ctx.mark_non_differentiable(sums)
-        return picked - lse, sums
+        return logps, sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps: Tensor, _grad_sums: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         cd, post = ctx.compute_dtype, ctx.post
-        w = weight.to(cd)
-        b = None if bias is None else bias.to(cd)
+        _, w, b = _operands(weight, bias, cd)
         grads = _InputGrads(hidden, weight, bias, lse.dtype, ctx.needs_input_grad[:3])
         buffer = _logit_buffer(hidden.shape[0], ctx.chunk, w, lse.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 h = hidden[rows].to(cd)
-                logits = _chunk_logits(h, w, b, post, lse.dtype, buffer)
-                # the softmax in place on this chunk's fresh logits, unless the soft-cap's derivative needs them
-                probs = (logits.clone() if post[1] is not None else logits).sub_(lse[rows].unsqueeze(-1)).exp_()
+                probs, logits = _recomputed_softmax(h, w, b, post, lse.dtype, buffer, lse[rows])
                 g = grad_logps[rows].to(lse.dtype).unsqueeze(-1)
                 grads.add(rows, _logit_grad_(probs, targets[rows], g, logits, post), h, w)
         return (*grads.scaled(weight, bias), None, None, None, None)

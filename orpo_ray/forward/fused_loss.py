@@ -31,12 +31,13 @@ from torch import Tensor
 
 from orpo_ray.forward.chunked_lm_head import (
     LmHeadTargets,
-    _chunk_logits,
+    _chunk_forward,
     _compute_dtype,
     _InputGrads,
     _logit_buffer,
     _logit_grad_,
-    _logsumexp_,
+    _operands,
+    _recomputed_softmax,
 )
 from orpo_ray.forward.logprobs import (
     PolicyOutputs,
@@ -79,13 +80,9 @@ class _FusedPreferenceLoss(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
                 compute_dtype: torch.dtype, post: tuple[float, float | None], groups: list[tuple[int, int]],
                 group_loss: GroupLossFn):
-        acc = torch.promote_types(compute_dtype, torch.float32)
-        w = weight.to(compute_dtype)
-        b = None if bias is None else bias.to(compute_dtype)
+        acc, w, b = _operands(weight, bias, compute_dtype)
         m = hidden.shape[0]
-        logps = torch.empty(m, dtype=acc, device=hidden.device)
-        lses = torch.empty(m, dtype=acc, device=hidden.device)
-        sums = torch.empty(m, dtype=acc, device=hidden.device)
+        logps, lses, sums = (torch.empty(m, dtype=acc, device=hidden.device) for _ in range(3))
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grads = _InputGrads(hidden, weight, bias, acc, ctx.needs_input_grad[:3])
         buffer = _logit_buffer(m, chunk, w, acc)
@@ -93,11 +90,8 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             for start, end in groups:
                 chunks = [slice(i, min(i + chunk, end)) for i in range(start, end, chunk)]
                 for rows in chunks:  # log-probs; a one-chunk group keeps its shifted exp for the gradient
-                    logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b, post, acc, buffer)
-                    sums[rows] = logits.sum(-1)
-                    picked = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
-                    lse, top = _logsumexp_(logits)
-                    logps[rows], lses[rows] = picked - lse, lse
+                    out = _chunk_forward(hidden[rows].to(compute_dtype), w, b, post, acc, buffer, targets[rows])
+                    logps[rows], lses[rows], sums[rows] = out.target_logps, out.lse, out.logit_sums
                 kept = len(chunks) == 1 and post[1] is None
                 with torch.enable_grad():
                     group_logps = logps[start:end].detach().requires_grad_()
@@ -110,10 +104,9 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                     h = hidden[rows].to(compute_dtype)
                     g = upstream[rows.start - start: rows.stop - start].unsqueeze(-1)
                     if kept:  # exp(x - top) * exp(top - lse) = softmax(x)
-                        probs, x = logits.mul_(torch.exp(top - lse).unsqueeze(-1)), None
+                        probs, x = out.shifted_exp.mul_(torch.exp(out.top - out.lse).unsqueeze(-1)), None
                     else:
-                        x = _chunk_logits(h, w, b, post, acc, buffer)
-                        probs = (x.clone() if post[1] is not None else x).sub_(lses[rows].unsqueeze(-1)).exp_()
+                        probs, x = _recomputed_softmax(h, w, b, post, acc, buffer, lses[rows])
                     grads.add(rows, _logit_grad_(probs, targets[rows], g, x, post), h, w)
         ctx.grads = grads
         ctx.weight_bias = (weight, bias)
