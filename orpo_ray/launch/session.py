@@ -59,8 +59,26 @@ def quiet_ray_data() -> None:
     quiet(ray.data.DataContext.get_current())
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join the configured cluster, the one `ray job submit` put us on, or start a local instance."""
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # ray.train.v2._internal.constants
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """`worker_process_setup_hook` of a local instance without the dashboard: Ray Train's placement-group cleaner
+    asks the State API (served by the dashboard) every second whether the controller lives, and would warn every
+    time. Its job - freeing the resources of a run whose controller died - has no use on a one-run local instance
+    that ends with this process."""
+    import logging
+
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def ensure_ray(cfg: Config, dashboard: bool | None = None) -> None:
+    """Join the configured cluster, the one `ray job submit` put us on, or start a local instance.
+
+    dashboard: whether a local instance runs Ray's dashboard (and with it the State API); None takes
+    ``scaling.local_dashboard``. Without it Ray Train's preemption watcher is off too (it polls for node drains,
+    which only an autoscaled cluster does): two fewer sources of wake-ups on the cores the training runs on."""
     import ray
 
     quiet_ray_data()
@@ -73,9 +91,13 @@ def ensure_ray(cfg: Config) -> None:
         # A local instance: pick its GCS port here so the workers can be told the address (see worker_env).
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts a head node
+        runtime_env = {"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}", cfg.scaling.use_gpu)}
+        dashboard = cfg.scaling.local_dashboard if dashboard is None else dashboard
+        if not dashboard:
+            runtime_env["worker_process_setup_hook"] = f"{__name__}.{quiet_placement_group_cleaner.__name__}"
+            os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # read by the Train controller this driver creates
         try:
-            ray.init(runtime_env={"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}",
-                                                                cfg.scaling.use_gpu)},
+            ray.init(runtime_env=runtime_env, include_dashboard=dashboard,
                      num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.resolved_cpus(None)))
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)

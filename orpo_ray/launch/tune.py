@@ -111,7 +111,7 @@ def _sweep(cfg: Config) -> dict:
         return json.loads((out / RESULTS_FILE).read_text())
 
     started = time.perf_counter()
-    ensure_ray(cfg)
+    ensure_ray(cfg, dashboard=True)  # the placement-group cleaner frees stopped trials through the State API
     datasets, data_stats = tokenized_datasets(cfg)
     if not data_stats["eval_pairs"]:  # before any trial runs: a sweep without eval metrics cannot rank trials
         raise ValueError(f"tune ranks trials by {cfg.tune.metric}, an eval metric, but there are {no_eval_reason(cfg)}")

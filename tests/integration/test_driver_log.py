@@ -23,6 +23,17 @@ def test_the_print_patch_switch_is_ray_trains_own():
     assert PRINT_PATCH_ENV == ENABLE_PRINT_PATCH_ENV_VAR
 
 
+def test_the_preemption_watcher_switch_and_cleaner_logger_are_ray_trains_own():
+    import importlib
+
+    from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR
+
+    from orpo_ray.launch.session import PG_CLEANER_LOGGER, PREEMPTION_WATCHER_ENV
+
+    assert PREEMPTION_WATCHER_ENV == ENABLE_PREEMPTION_WATCHER_ENV_VAR
+    assert importlib.import_module(PG_CLEANER_LOGGER).logger.name == PG_CLEANER_LOGGER
+
+
 def test_worker_lines_reach_the_driver_once(tmp_path):
     cmd = [sys.executable, "-m", "orpo_ray.cli", "train", DEMO, *TINY, "train.max_steps=2",
            f"output_dir={tmp_path / 'run'}"]
@@ -34,3 +45,8 @@ def test_worker_lines_reach_the_driver_once(tmp_path):
     start = [line for line in lines if "2 steps of 16 pairs" in line]
     assert len(plan) == 1 and len(start) == 1, "\n".join(lines)
     assert len(lines) == len(set(lines)), "\n".join(lines)
+    # scaling.local_dashboard: false (the default): a local instance without the dashboard, whose absence Ray
+    # Train's placement-group cleaner would report every second (silenced by the worker setup hook).
+    assert "View the dashboard" not in console
+    noise = [line for line in console.splitlines() if "State API" in line or "placement_group_cleaner" in line]
+    assert not noise, "\n".join(noise[:5])

@@ -146,7 +146,7 @@ def test_tune_and_train_refuse_each_others_output_dir(tmp_path, monkeypatch, cap
     args = ["configs/tune_demo.yaml", f"output_dir={out}"]
     seen = []
 
-    def sweep_started(*_):  # the sweep got past its lock: a training run on its output_dir must be refused now
+    def sweep_started(*_, **__):  # the sweep got past its lock: a training run on its output_dir must be refused now
         seen.append(main(["train", *args, "--local"]))
         raise RuntimeError("stop the sweep here")
 
