@@ -157,8 +157,8 @@ def fused_policy_loss(
     loss, logps, sums = _FusedPreferenceLoss.apply(hidden, head.weight, head.bias, targets.ids[order], chunk,
                                                    _compute_dtype(hidden), head.post, groups, group_loss)
     # Metrics from the same log-probs, through the path every other layout takes (detached: no second graph).
-    back = torch.empty_like(order).index_put_((order,), torch.arange(len(order), device=device))
-    stats = TokenStats(targets.scatter(logps[back]), targets.scatter(sums[back]), head.weight.shape[0])
+    in_group_order = targets._replace(dst=targets.dst[order])  # logps and sums come back in group order
+    stats = TokenStats(in_group_order.scatter(logps), in_group_order.scatter(sums), head.weight.shape[0])
     with torch.no_grad():
         _, metrics = objective.loss(outputs_from_token_stats(stats, batch, objective.nll_on_prompt), nll_weight)
     return loss, metrics

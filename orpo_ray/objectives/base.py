@@ -156,12 +156,14 @@ class SigmoidPreference(Objective):
         return self.alpha
 
     def preference_terms(self, out: PolicyOutputs) -> Tensor:
-        chosen, rejected = (x.float() for x in self.sequence_logps(out))
+        return self._terms(*(x.float() for x in self.sequence_logps(out)))
+
+    def _terms(self, chosen: Tensor, rejected: Tensor) -> Tensor:
         return -F.logsigmoid(self.beta * (chosen - rejected) - self.gamma)
 
     def loss(self, out: PolicyOutputs, nll_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected = (x.float() for x in self.sequence_logps(out))
-        preference = self.preference_terms(out).mean()
+        preference = self._terms(chosen, rejected).mean()
         nll = out.nll.float() * nll_weight
         loss = preference + self.alpha * nll
         metrics = shared_metrics(out, self.beta, chosen, rejected, nll)
