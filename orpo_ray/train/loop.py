@@ -144,11 +144,9 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
                file=sys.stdout, dynamic_ncols=True, mininterval=progress_interval(sys.stdout))
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
-        import resource as _r; _u0 = _r.getrusage(_r.RUSAGE_SELF); _c0 = time.process_time()
         engine.model.train()
         micro_batches = [to_device(collate(next(micro_iter)), runtime.device)
                          for _ in range(t.gradient_accumulation_steps)]
-        _data_s = time.perf_counter() - step_start
         step_tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
         # The NLL is a token mean over the whole step (all micro-batches, all ranks), so the trajectory does not
         # depend on how the global batch is split; the masks give the token counts before any forward pass.
@@ -162,8 +160,6 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             engine.step()  # DeepSpeed semantics: only updates at the accumulation boundary
             window.add(metrics)
         done = step + 1
-        _u1 = _r.getrusage(_r.RUSAGE_SELF); _wall = time.perf_counter() - step_start
-        print(f"[dbg] step {done} wall {_wall:.3f} data {_data_s:.3f} cpu/wall {(time.process_time()-_c0)/_wall:.2f} nivcsw {_u1.ru_nivcsw-_u0.ru_nivcsw} nvcsw {_u1.ru_nvcsw-_u0.ru_nvcsw}", flush=True)
         if step > start_step:  # the first step of a (re)start pays one-off allocation costs
             timed_steps += 1
             timed_tokens += step_tokens

@@ -2,6 +2,7 @@
 Ray Train worker prints reaches the driver's console once (Ray Train's print patch used to send each one to
 stdout and stderr, and Ray forwarded both)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,5 +49,11 @@ def test_worker_lines_reach_the_driver_once(tmp_path):
     # scaling.local_dashboard: false (the default): a local instance without the dashboard, whose absence Ray
     # Train's placement-group cleaner would report every second (silenced by the worker setup hook).
     assert "View the dashboard" not in console
+    # Nothing else per step: the worker prints the plan, its own log lines and Ray Train's few of its own.
+    ours = ("[orpo-ray]", "step ", "Setting up process group", "Reporting training result")
+    worker = [re.sub(r"^.*?RayTrainWorker pid=\d+\)\S*\s*", "", line) for line in console.splitlines()
+              if "RayTrainWorker" in line]
+    stray = [line for line in worker if line.strip() and not line.startswith(ours)]
+    assert not stray, "\n".join(stray[:5])
     noise = [line for line in console.splitlines() if "State API" in line or "placement_group_cleaner" in line]
     assert not noise, "\n".join(noise[:5])
