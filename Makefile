@@ -22,13 +22,13 @@ demo: setup
 # Fast unit tests first (seconds), then integration tests (real Ray, real MLflow server, subprocesses).
 test: setup
 	$(BIN)/python -m pytest tests/unit -q
-	$(BIN)/python -m pytest tests/integration -q
+	$(BIN)/python -m pytest tests/integration -q --durations=25
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q
 
 integration: setup
-	$(BIN)/python -m pytest tests/integration -q
+	$(BIN)/python -m pytest tests/integration -q --durations=25
 
 MLFLOW_DIR  ?= $(CURDIR)/outputs/mlflow
 MLFLOW_PORT ?= 5000

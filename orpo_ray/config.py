@@ -230,6 +230,15 @@ class EfficiencySection:
     pack_length: Optional[int] = _f(
         None, "Tokens per packed row; null means the whole batch in one row with segment_attention, else the longest "
         "segment of each batch (a dense mask costs L^2 per row).")
+    fused_layers: bool = _f(
+        True, "RMSNorms run as one autograd function (forward/fused_layers.py) that keeps the input and the inverse "
+        "RMS for backward, not the normalised input as well: less activation memory, the same numbers, a little "
+        "faster. Each module class is checked against its own forward at load; a class that differs keeps it. "
+        "Falls back under ZeRO-3, and on a model without an RMSNorm it reproduces.")
+    mlp_recompute: bool = _f(
+        False, "With fused_layers: gated MLPs (gate_proj/up_proj/down_proj) too, keeping gate and up and recomputing "
+        "act(gate) and act(gate) * up in backward: 2 x intermediate_size fewer floats per token and layer, for two "
+        "more elementwise passes (measured ~6% slower MLP on a 2-core CPU), so off unless memory is what binds.")
     lm_head: Literal["chunked", "liger"] = _f(
         "chunked", "Kernel of the chunked lm-head: 'chunked' (the project's, any device) or 'liger' (Liger-Kernel's "
         "fused linear cross-entropy, per-token; needs chunked_lm_head, scaling.use_gpu, CUDA and liger-kernel>=0.8.2 "

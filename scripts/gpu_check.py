@@ -39,7 +39,8 @@ MODELS = {  # ~99M parameters on GPU (14 layers x 7.1M + embeddings); a toy on C
 }
 FAST = ["efficiency.chunked_lm_head=true", "efficiency.prefix_sharing=true", "efficiency.packing=true"]
 # The fast path is the default, so the plain leg names its switches off.
-PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", "efficiency.packing=false"]
+PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", "efficiency.packing=false",
+         "efficiency.fused_layers=false"]
 # The fast path with Liger-Kernel's fused linear cross-entropy as the lm-head (CUDA + liger-kernel >= 0.8.2).
 LIGER = FAST + ["efficiency.lm_head=liger", "scaling.use_gpu=true"]
 

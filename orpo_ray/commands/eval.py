@@ -94,6 +94,7 @@ def run_eval(cfg: Config, *, mlflow_uri: str | None = None, parent_run_id: str |
     model.to(runtime.device)
     fast_path = resolve_fast_path(model, cfg)
     cfg = fast_path.apply(cfg)
+    fast_path.fuse(model)
     for line in fast_path.lines():
         print(line, flush=True)
     data_stats = runtime.setup_data(cfg, tokenizer)

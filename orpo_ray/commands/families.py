@@ -87,7 +87,8 @@ def save_family(family: str, out: Path, tokenizer_variant: str = "bos") -> Path:
 
 
 # ------------------------------------------------------------------------- `orpo-ray bench` bench.families
-PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", "efficiency.packing=false"]
+PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", "efficiency.packing=false",
+         "efficiency.fused_layers=false"]
 
 
 def run_family_bench(cfg, work: Path) -> dict:

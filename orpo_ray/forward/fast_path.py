@@ -13,6 +13,9 @@ the plain path's numbers (``model(...).logits``), so before a run uses one it is
   plain path would), then a probe: two short pairs through the packed layout and the padded plain path, whose
   target log-probs must agree. Absolute position embeddings (GPT-2, OPT) pass: the packed layout gives every
   token the position it has in the padded layout.
+- ``fused_layers`` replaces the forward of RMSNorms (and gated MLPs with ``mlp_recompute``) with autograd
+  functions that keep fewer activations (`fused_layers`). Check: each module class's output and gradients equal its own forward on a random
+  input; a class that differs keeps its own forward (one line says so). No class fused, or ZeRO-3 -> fallback.
 - ``segment_attention`` (only meaningful with a packed layout) runs the packed rows' attention segment by
   segment through the model's own attention function, which must take the ``orpo_segments`` keyword from the
   body's forward. The same probe with it on; if that fails but the dense block mask passes, only this switch
@@ -33,11 +36,12 @@ import torch
 from orpo_ray.config import Config
 from orpo_ray.forward.chunked_lm_head import causal_lm_parts, unwrap_causal_lm
 from orpo_ray.forward.collate import collate_pairs
+from orpo_ray.forward.fused_layers import fuse_layers, plan_fused_layers
 from orpo_ray.forward.liger_lm_head import require_liger
 from orpo_ray.forward.logprobs import full_logits_token_stats
 from orpo_ray.forward.packing import collate_packed, packed_token_stats
 
-SWITCHES = ("chunked_lm_head", "prefix_sharing", "packing", "segment_attention")
+SWITCHES = ("chunked_lm_head", "prefix_sharing", "packing", "segment_attention", "fused_layers")
 LAYOUTS = ("prefix_sharing", "packing")
 MASK_ATTENTION = ("sdpa", "eager")  # take a 4-D mask as-is (see packing.mask_for_attention)
 
@@ -48,6 +52,13 @@ class FastPath:
 
     requested: dict[str, bool]
     fallbacks: dict[str, str] = field(default_factory=dict)  # switch -> reason
+    layers: dict[str, str] = field(default_factory=dict)  # fused_layers: module class -> 'fused' or why not
+
+    def fuse(self, model: torch.nn.Module) -> dict[str, int]:
+        """Apply ``fused_layers`` to `model` where this run uses it: {module class: instances fused}."""
+        if not self.requested.get("fused_layers") or "fused_layers" in self.fallbacks:
+            return {}
+        return dict(fuse_layers(model, self.layers))
 
     def apply(self, cfg: Config) -> Config:
         """`cfg` with the fallen-back switches off (everything else unchanged)."""
@@ -55,9 +66,13 @@ class FastPath:
             cfg.efficiency, **{k: False for k in self.fallbacks}))
 
     def lines(self) -> list[str]:
-        instead = lambda k: "the dense block mask" if k == "segment_attention" else "the plain path"  # noqa: E731
-        return [f"[orpo-ray] efficiency.{k} falls back to {instead(k)} for this run: {why}"
-                for k, why in self.fallbacks.items()]
+        instead = {"segment_attention": "the dense block mask", "fused_layers": "the model's own layers"}
+        lines = [f"[orpo-ray] efficiency.{k} falls back to {instead.get(k, 'the plain path')} for this run: {why}"
+                 for k, why in self.fallbacks.items()]
+        if "fused_layers" not in self.fallbacks:
+            lines += [f"[orpo-ray] efficiency.fused_layers: {name} keeps its own forward: {why}"
+                      for name, why in self.layers.items() if why != "fused"]
+        return lines
 
     def record(self) -> dict[str, str]:
         """{switch: 'on' | 'off' | 'fallback: reason'} for results.json and MLflow params."""
@@ -94,12 +109,27 @@ def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
                 reasons.update(dict.fromkeys(LAYOUTS, layout), segment_attention=layout or segments)
     finally:
         inner.train(was_training)
+    if "fused_layers" in wanted:
+        reasons["fused_layers"] = _layers_reason(inner, cfg, fast)
     for k in wanted:
         if reasons.get(k):
             fast.fallbacks[k] = reasons[k]
     if e.lm_head == "liger" and "chunked_lm_head" in wanted and not reasons.get("chunked_lm_head"):
         require_liger(causal_lm_parts(inner)[1])  # asked for by name: an error here, never a silent swap
     return fast
+
+
+def _layers_reason(model: torch.nn.Module, cfg: Config, fast: FastPath) -> str | None:
+    """None when some MLP / RMSNorm class of `model` runs fused (`fast.layers` says which); else why not."""
+    if cfg.deepspeed.resolved(cfg.scaling.num_workers) and cfg.deepspeed.zero_stage == 3:
+        return "ZeRO-3 gathers each Linear's parameters in that Linear's own forward hook, which a fused block skips"
+    mlp = cfg.efficiency.mlp_recompute
+    fast.layers = plan_fused_layers(model, mlp=mlp)
+    if "fused" in fast.layers.values():
+        return None
+    kept = "; ".join(f"{name}: {why}" for name, why in fast.layers.items())
+    what = "gated MLP or RMSNorm" if mlp else "RMSNorm"
+    return f"no {what} module whose forward it reproduces" + (f" ({kept})" if kept else "")
 
 
 def _tolerance(model: torch.nn.Module) -> float:

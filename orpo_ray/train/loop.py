@@ -73,6 +73,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     # Switches this model cannot take are turned off here, for training and evaluation alike (never silently).
     fast_path = resolve_fast_path(model, cfg)
     cfg = fast_path.apply(cfg)
+    fast_path.fuse(model)
 
     # ---- data: every rank gets the same number of micro-batches per epoch ------------------------
     data_stats = runtime.setup_data(cfg, tokenizer)

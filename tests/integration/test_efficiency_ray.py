@@ -22,7 +22,8 @@ SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.
          "scaling.num_workers=2", "train.per_device_batch_size=4", "deepspeed.enabled=true", "deepspeed.zero_stage=2",
          "orpo.nll_on_prompt=true"]
 FAST = ["efficiency.lm_head_chunk_size=16"]  # the defaults: every switch on
-PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", "efficiency.packing=false"]
+PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", "efficiency.packing=false",
+         "efficiency.fused_layers=false"]
 
 
 def _losses(out: Path) -> list[float]:

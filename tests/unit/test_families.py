@@ -15,7 +15,11 @@ from orpo_ray.objectives.orpo import orpo_loss
 from orpo_ray.commands.families import FAMILIES, build_model
 from tests.unit.gradients import assert_gradients_equal
 
-PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False)
+PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False, fused_layers=False)
+# Families without an RMSNorm the fused norm reproduces (LayerNorm; Gemma's scales by 1 + weight): nothing for
+# fused_layers to fuse by default. With mlp_recompute, those without a gated MLP either (fc1/fc2 MLPs).
+NO_FUSED_NORM = {"gemma2", "gemma3", "phi2", "opt", "gpt_neox", "gpt2", "cohere"}
+NO_GATED_MLP = {"phi2", "phi3", "opt", "gpt_neox", "gpt2", "qwen3_moe"}
 BOS, EOS, PAD = 256, 257, 258
 
 
@@ -41,8 +45,11 @@ def _loss_and_grads(model, cfg, rows):
     return metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_same(model, cfg, rows):
+def _assert_same(model, cfg, rows, fast=None):
+    """cfg's path (after `fast.fuse`, when given) against the plain path on the model as loaded."""
     ref_m, ref_g = _loss_and_grads(model, _cfg(PLAIN), rows)
+    if fast is not None:
+        fast.fuse(model)
     m, g = _loss_and_grads(model, cfg, rows)
     for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
         torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -55,8 +62,27 @@ def test_default_path_equals_plain_path_on_every_family(family):
     model = build_model(family)
     fast = resolve_fast_path(model, _cfg())
     # Every family here has a head and attention the fast path reproduces (bias, scaling, soft-cap, tied).
-    assert fast.record() == dict.fromkeys(SWITCHES, "on")
-    _assert_same(model, fast.apply(_cfg()), _rows(with_bos=family not in ("qwen2", "qwen3")))
+    record = fast.record()
+    if family in NO_FUSED_NORM:
+        assert record.pop("fused_layers").startswith("fallback: no RMSNorm module")
+    assert record == dict.fromkeys(record, "on") and len(record) >= len(SWITCHES) - 1
+    _assert_same(model, fast.apply(_cfg()), _rows(with_bos=family not in ("qwen2", "qwen3")), fast)
+    assert _fused_classes(model) == ({type(m).__name__ for m in model.modules()
+                                      if type(m).__name__.endswith("RMSNorm")} if family not in NO_FUSED_NORM else set())
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in NO_GATED_MLP or f not in NO_FUSED_NORM])
+def test_mlp_recompute_equals_plain_path(family):
+    model = build_model(family)
+    cfg = _cfg(EfficiencySection(lm_head_chunk_size=5, mlp_recompute=True))
+    fast = resolve_fast_path(model, cfg)
+    assert "fused_layers" not in fast.fallbacks
+    _assert_same(model, fast.apply(cfg), _rows(with_bos=family not in ("qwen2", "qwen3")), fast)
+    assert any(name.endswith("MLP") for name in _fused_classes(model)) == (family not in NO_GATED_MLP)
+
+
+def _fused_classes(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if getattr(m.forward, "__func__", None) is not type(m).forward}
 
 
 def test_eager_attention_gets_an_additive_mask():
@@ -70,7 +96,7 @@ def test_a_head_not_derivable_from_the_config_falls_back_with_its_reason():
     model = build_model("llama")
     model.config.final_logit_softcapping = 2.0  # the config claims a soft-cap the model's forward never applies
     fast = resolve_fast_path(model, _cfg())
-    assert set(fast.fallbacks) == set(SWITCHES)
+    assert set(fast.fallbacks) == set(SWITCHES) - {"fused_layers"}
     assert "does not reproduce the model's own logits" in fast.fallbacks["chunked_lm_head"]
     assert fast.lines()[0].startswith("[orpo-ray] efficiency.chunked_lm_head falls back to the plain path")
     _assert_same(model, fast.apply(_cfg()), _rows())

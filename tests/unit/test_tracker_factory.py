@@ -121,7 +121,7 @@ def test_the_plan_becomes_filterable_tags_and_no_plan_sets_none(tmp_path, record
     [(_, tags, _)] = run.tracker.named("tags")
     assert tags == {"orpo.objective": "simpo", "orpo.workers": "1", "orpo.device": "cpu", "orpo.backend": "gloo",
                     "orpo.engine": "torch", "orpo.zero_stage": "none", "orpo.precision": "fp32",
-                    "orpo.attention": "auto", "orpo.fast_path": "chunked_lm_head+prefix_sharing+segment_attention",
+                    "orpo.attention": "auto", "orpo.fast_path": "chunked_lm_head+prefix_sharing+segment_attention+fused_layers",
                     "orpo.lm_head": "chunked", "orpo.fast_path_fallbacks": "none"}
     rec = RecordingTracker()
     RunTracker(rec).log_start(cfg, {"train_pairs": 1}, "fp32")
