@@ -124,7 +124,7 @@ def _layers_reason(model: torch.nn.Module, cfg: Config, fast: FastPath) -> str |
     if cfg.deepspeed.resolved(cfg.scaling.num_workers) and cfg.deepspeed.zero_stage == 3:
         return "ZeRO-3 gathers each Linear's parameters in that Linear's own forward hook, which a fused block skips"
     mlp = cfg.efficiency.mlp_recompute
-    fast.layers = plan_fused_layers(model, mlp=mlp)
+    fast.layers = plan_fused_layers(model, _relative_error, _tolerance(model), mlp=mlp)
     if "fused" in fast.layers.values():
         return None
     kept = "; ".join(f"{name}: {why}" for name, why in fast.layers.items())

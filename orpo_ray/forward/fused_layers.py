@@ -12,7 +12,7 @@ Which modules. Structure, not a list of model files: an MLP whose ``gate_proj``,
 plain ``nn.Linear`` (bias or not) and whose ``act_fn`` is any elementwise activation (SiLU through aten's fused
 ``silu_backward``, any other recomputed under autograd in backward, so GELU-tanh and the rest need no formula); a norm whose class name ends in ``RMSNorm`` with a
 1-D ``weight`` and an epsilon. Each module *class* is then checked once, on its first instance: output and every
-gradient on a random input must equal the module's own ``forward`` (fp32 1e-5 relative; half precision 2e-2).
+gradient on a random input must equal the module's own ``forward`` (`fast_path`'s tolerance and error measure).
 A class that differs (Gemma's ``1 + weight`` norm, say) keeps its own forward; `fuse_layers` says which.
 
 How it plugs in. The instance's ``forward`` is replaced (the class is untouched, so ``save_pretrained`` and other
@@ -136,7 +136,7 @@ def _kind(module: nn.Module) -> str | None:
 FUSED_FORWARD: dict[str, Callable] = {"mlp": _fused_mlp_forward, "norm": _fused_norm_forward}
 
 
-def _mismatch(module: nn.Module, kind: str) -> str | None:
+def _mismatch(module: nn.Module, kind: str, relative_error: Callable, tolerance: float) -> str | None:
     """None when the fused forward gives the module's own output and gradients; else how far it is off."""
     param = next(module.parameters())
     width = module.gate_proj.in_features if kind == "mlp" else param.shape[0]
@@ -148,27 +148,25 @@ def _mismatch(module: nn.Module, kind: str) -> str | None:
         with torch.enable_grad():  # resolve_fast_path probes under no_grad
             xi = x.clone().requires_grad_(True)
             out = forward(xi)
-            return [out, *torch.autograd.grad(out, [xi, *params], d_out)]
+            return [t.detach() for t in (out, *torch.autograd.grad(out, [xi, *params], d_out))]
 
     try:
         own = run(lambda t: type(module).forward(module, t))
         fused = run(lambda t: FUSED_FORWARD[kind](module, t))
     except Exception as exc:  # noqa: BLE001 - any failure: keep the module's own forward
         return f"{type(exc).__name__}: {exc}"
-    tol = 1e-5 if param.dtype in (torch.float32, torch.float64) else 2e-2
-    err = max(float((a.detach().float() - b.detach().float()).abs().max() / b.detach().float().abs().max().clamp(min=1.0))
-              for a, b in zip(fused, own))
-    return None if err <= tol else f"differs from its own forward (relative error {err:.1e})"
+    err = max(relative_error(a, b) for a, b in zip(fused, own))
+    return None if err <= tolerance else f"differs from its own forward (relative error {err:.1e})"
 
 
-def plan_fused_layers(model: nn.Module, mlp: bool = True) -> dict[str, str]:
+def plan_fused_layers(model: nn.Module, relative_error: Callable, tolerance: float, mlp: bool = True) -> dict[str, str]:
     """{module class: 'fused' or why it keeps its own forward} for every RMSNorm class of `model`, and every
-    gated MLP class with `mlp`."""
+    gated MLP class with `mlp`; outputs and gradients compared as `fast_path` compares its probes."""
     verdicts: dict[str, str] = {}
     for module in model.modules():
         kind, name = _kind(module), type(module).__name__
         if kind and (mlp or kind == "norm") and name not in verdicts:
-            verdicts[name] = _mismatch(module, kind) or "fused"
+            verdicts[name] = _mismatch(module, kind, relative_error, tolerance) or "fused"
     return verdicts
 
 

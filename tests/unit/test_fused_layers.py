@@ -12,7 +12,9 @@ from transformers.activations import ACT2FN
 from orpo_ray.commands.families import build_model
 from orpo_ray.config import Config, DeepSpeedSection
 from orpo_ray.forward.fast_path import resolve_fast_path
-from orpo_ray.forward.fused_layers import GatedMLPFunction, RMSNormFunction, fuse_layers, plan_fused_layers
+from orpo_ray.forward.fused_layers import GatedMLPFunction, RMSNormFunction
+
+MLP_TOO = dataclasses.replace(Config(), efficiency=dataclasses.replace(Config().efficiency, mlp_recompute=True))
 
 
 def _mlp_inputs(hidden, inter, bias, seed=0):
@@ -83,7 +85,7 @@ def test_fused_blocks_keep_only_the_inputs_they_need():
     x = torch.randn(1, tokens, hidden, requires_grad=True)
     own_mlp = _saved_activation_bytes(lambda t: type(mlp).forward(mlp, t), x, list(mlp.parameters()))
     own_norm = _saved_activation_bytes(lambda t: type(norm).forward(norm, t), x, list(norm.parameters()))
-    fuse_layers(model, plan_fused_layers(model))
+    resolve_fast_path(model, MLP_TOO).fuse(model)
     fused_mlp = _saved_activation_bytes(mlp, x, list(mlp.parameters()))
     fused_norm = _saved_activation_bytes(norm, x, list(norm.parameters()))
     assert fused_mlp == 4 * tokens * (hidden + 2 * inter)  # x, gate, up (fp32)
@@ -105,7 +107,7 @@ def test_a_class_that_differs_keeps_its_own_forward_and_says_why():
 
 def test_a_projection_wrapped_after_fusing_is_not_bypassed():
     model = build_model("llama")
-    fuse_layers(model, plan_fused_layers(model))
+    resolve_fast_path(model, MLP_TOO).fuse(model)
     mlp = model.model.layers[0].mlp
 
     class Doubled(torch.nn.Module):  # stands for a LoRA wrapper around the Linear
@@ -138,7 +140,7 @@ def test_zero3_falls_back():
 def test_the_check_leaves_the_rng_alone():
     model = build_model("qwen3")
     state = torch.random.get_rng_state()
-    plan_fused_layers(model)
+    resolve_fast_path(model, MLP_TOO)
     assert torch.equal(state, torch.random.get_rng_state())
 
 
