@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -20,8 +21,13 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+from tests.integration.mlflow_fixtures import MlflowServer, start_mlflow_server
+from tests.integration.ray_train_helpers import DEMO, REVIEW_EXPERIMENT, SWEEP, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REAL_HOME = os.path.expanduser("~")
@@ -154,12 +160,12 @@ def ray_cluster(tmp_path):
         assert not leftovers, f"processes of our cluster outside its process group: {leftovers}"
 
 
-@pytest.fixture
-def local_ray_env(tmp_path):
-    """Env for a subprocess (`orpo-ray ...` without an address) that starts its own local Ray: temp HOME,
-    token file, and RAY_TMPDIR under a unique short temp dir. Afterwards no process mentioning that dir may
-    survive (the local instance ends with its driver); leftovers are killed and fail the test."""
-    home = tmp_path / "home"
+@contextlib.contextmanager
+def local_ray_environment(parent: Path):
+    """Env for a subprocess (`orpo-ray ...` without an address) that starts its own local Ray: temp HOME under
+    `parent`, token file, and RAY_TMPDIR under a unique short temp dir. Afterwards no process mentioning that dir
+    may survive (the local instance ends with its driver); leftovers are killed and fail the test."""
+    home = parent / "home"
     home.mkdir()
     temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")
     env = _base_env(str(home))
@@ -174,6 +180,52 @@ def local_ray_env(tmp_path):
         except ProcessLookupError:
             pass
     assert not left, f"processes of the local Ray outlived its driver: {left}"
+
+
+@pytest.fixture
+def local_ray_env(tmp_path):
+    """`local_ray_environment` for one test."""
+    with local_ray_environment(tmp_path) as env:
+        yield env
+
+
+@dataclass
+class ReviewedRuns:
+    server: MlflowServer
+    train_dir: Path
+    sweep_dir: Path
+    train_stdout: str
+    tune_stdout: str
+
+
+@pytest.fixture(scope="session")
+def reviewed_runs(tmp_path_factory):
+    """What a user reviews in MLflow, made once per session: a live `mlflow server` (SQLite), one short
+    `orpo-ray train --local` and one 2 λ x 2 lr `orpo-ray tune` sweep with ASHA (its own local Ray), both logged
+    into it by the CLI. The sweep test checks what the sweep wrote; the UI test reviews all of it in a browser.
+    Shared because the sweep is the slowest thing either test does (~3-4 min on 2 cores)."""
+    base = tmp_path_factory.mktemp("reviewed")
+    server = start_mlflow_server(base / "mlflow")
+    try:
+        with local_ray_environment(base) as env:
+            common = [*TINY, "tracking.enabled=true", f"tracking.mlflow_uri={server.uri}",
+                      f"tracking.experiment={REVIEW_EXPERIMENT}", "tracking.system_metrics_interval_s=1",
+                      "train.eval_interval=3"]
+            # The output dirs name the runs: "ui-train λ=0.1 lr=0.003", "sweep ui-sweep".
+            train = _cli(["train", DEMO, "--local", *common, f"output_dir={base / 'ui-train'}"], env)
+            start = time.perf_counter()
+            tune = _cli(["tune", DEMO, *common, *SWEEP, f"output_dir={base / 'ui-sweep'}"], env)
+            print(f"\nreviewed_runs: the sweep took {time.perf_counter() - start:.0f} s end to end")
+            yield ReviewedRuns(server, base / "ui-train", base / "ui-sweep", train.stdout, tune.stdout)
+    finally:
+        server.stop()
+
+
+def _cli(args: list, env: dict, timeout: int = 1200) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "orpo_ray.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

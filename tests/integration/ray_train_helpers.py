@@ -18,6 +18,14 @@ TINY = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.t
         "train.warmup_steps=2", "train.max_steps=6", "train.log_interval=1", "train.eval_interval=0",
         "train.eval_max_batches=2", "train.precision=fp32", "train.progress_bar=false", "tracking.enabled=false"]
 
+# A 2 λ x 2 lr sweep with ASHA. Grid order: λ varies fastest, so trials 0-1 use lr 3e-3 and trials 2-3 lr 1e-6.
+# With eval_nll_loss as the metric, a 1e-6 trial still sits at the untrained NLL (~ln 259) at ASHA's first rung
+# (step 4), above the median of the trials before it, so ASHA stops both; trial 0 has no rival at that point and
+# always completes.
+SWEEP = ["tune.beta=[0.1,1.0]", "tune.learning_rate=[3e-3,1e-6]", "tune.metric=eval_nll_loss", "tune.mode=min",
+         "tune.asha=true", "tune.asha_grace_period=1", "train.max_steps=24", "train.eval_interval=4"]
+REVIEW_EXPERIMENT = "ui-review"  # the experiment of conftest's `reviewed_runs`
+
 
 def losses(output_dir) -> dict[int, float]:
     """step -> train loss from history.json (written by the run's final attempt)."""

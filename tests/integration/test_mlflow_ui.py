@@ -1,32 +1,20 @@
 """Review in MLflow as a person does: a real `mlflow server` on 127.0.0.1 (SQLite), a short train and a 2 λ x 2 lr
-sweep logged into it by the CLI, then the UI in headless Chromium. Every assertion reads the rendered page;
-screenshots of the pages go to this test's tmp_path (printed)."""
+sweep logged into it by the CLI (conftest's `reviewed_runs`), then the UI in headless Chromium. Every assertion
+reads the rendered page; screenshots of the pages go to this test's tmp_path (printed)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 from mlflow import MlflowClient
 
 from tests.integration.browser import browser_page, chromium_missing
-from tests.integration.mlflow_fixtures import start_mlflow_server
-from tests.integration.ray_train_helpers import DEMO, ROOT, TINY
-from tests.integration.test_tune import SWEEP
+from tests.integration.ray_train_helpers import REVIEW_EXPERIMENT
 
 pytestmark = pytest.mark.integration
 
-EXPERIMENT = "ui-review"
 TRAINING_VIEW = "?workflowType=machine_learning"  # the link orpo-ray prints (see tracking.Tracker.ui_link)
-
-
-def _cli(args, env, timeout=1200):
-    p = subprocess.run([sys.executable, "-m", "orpo_ray.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    return p
 
 
 def _wait_text(page, text, timeout_ms=120_000):
@@ -40,27 +28,18 @@ def _row_text(page, run_name):
     return " ".join(page.locator(f"[role=row][row-index='{index}']").all_inner_texts())
 
 
-def test_review_runs_in_the_mlflow_ui(local_ray_env, tmp_path):
+def test_review_runs_in_the_mlflow_ui(reviewed_runs, tmp_path):
     assert not chromium_missing(), chromium_missing()
-    server = start_mlflow_server(tmp_path / "mlflow")
-    try:
-        common = [*TINY, "tracking.enabled=true", f"tracking.mlflow_uri={server.uri}",
-                  f"tracking.experiment={EXPERIMENT}", "tracking.system_metrics_interval_s=1", "train.eval_interval=3"]
-        train = _cli(["train", DEMO, "--local", *common, f"output_dir={tmp_path / 'ui-train'}"], local_ray_env)
-        _cli(["tune", DEMO, *common, *SWEEP, f"output_dir={tmp_path / 'ui-sweep'}"], local_ray_env)
-        assert "workflowType=machine_learning" in train.stdout  # the printed link opens the training view
-
-        started = time.perf_counter()
-        shots = review_in_browser(server.uri, tmp_path)
-        print(f"\nbrowser review: {time.perf_counter() - started:.1f} s; screenshots: {[str(s) for s in shots]}")
-    finally:
-        server.stop()
+    assert "workflowType=machine_learning" in reviewed_runs.train_stdout  # the printed link opens the training view
+    started = time.perf_counter()
+    shots = review_in_browser(reviewed_runs.server.uri, tmp_path)
+    print(f"\nbrowser review: {time.perf_counter() - started:.1f} s; screenshots: {[str(s) for s in shots]}")
 
 
 def review_in_browser(uri, out_dir):
     """Open the UI on the store the test filled and assert what a reviewer sees; returns the screenshots."""
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp = client.get_experiment_by_name(REVIEW_EXPERIMENT)
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     train_name = "ui-train λ=0.1 lr=0.003"
     parent = runs["sweep ui-sweep"]

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,17 +11,9 @@ from mlflow import MlflowClient
 
 from orpo_ray.config import load_config, with_absolute_paths
 from orpo_ray.launch.tune import run_sweep
-from tests.integration.mlflow_fixtures import mlflow_server  # noqa: F401  (fixture)
-from tests.integration.ray_train_helpers import DEMO, ROOT, TINY
+from tests.integration.ray_train_helpers import DEMO, REVIEW_EXPERIMENT, TINY
 
 pytestmark = pytest.mark.integration
-
-# Grid order: λ varies fastest, so trials 0-1 use lr 3e-3 and trials 2-3 lr 1e-6. With eval_nll_loss as the
-# metric, a 1e-6 trial still sits at the untrained NLL (~ln 259) at ASHA's first rung (step 4), above the
-# median of the trials before it, so ASHA stops both; trial 0 has no rival at that point and always completes.
-SWEEP = ["tune.beta=[0.1,1.0]", "tune.learning_rate=[3e-3,1e-6]", "tune.metric=eval_nll_loss", "tune.mode=min",
-         "tune.asha=true", "tune.asha_grace_period=1", "train.max_steps=24", "train.eval_interval=4"]
-
 
 def _sweep_config(tmp_path, *overrides):
     return with_absolute_paths(load_config(DEMO, [*TINY, f"output_dir={tmp_path / 'sweep'}", *overrides]))
@@ -59,22 +48,17 @@ def test_rerunning_an_interrupted_sweep_resumes_it(ray_local, tmp_path, capsys):
     assert third["best"] == json.loads(json.dumps(second["best"]))
 
 
-def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(local_ray_env, tmp_path, mlflow_server):  # noqa: F811
-    """`orpo-ray tune` as a user runs it: it starts its own local Ray (with the dashboard - Ray Train's
-    placement-group cleaner needs its State API to free the CPUs of trials ASHA stopped), here while the
-    test session's Ray runs too (two instances on one machine: the workers must be told their cluster's
-    address, or the cleaner fails and the next trial waits for CPUs forever)."""
-    out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "orpo_ray.cli", "tune", DEMO, *TINY, *SWEEP, f"output_dir={out}",
-           "tracking.enabled=true", f"tracking.mlflow_uri={mlflow_server.uri}", "tracking.experiment=sweep-test"]
-    start = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, env=local_ray_env, capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(reviewed_runs):
+    """`orpo-ray tune` as a user runs it (conftest's `reviewed_runs`): it starts its own local Ray (with the
+    dashboard - Ray Train's placement-group cleaner needs its State API to free the CPUs of trials ASHA stopped),
+    possibly while the test session's Ray runs too (two instances on one machine: the workers must be told their
+    cluster's address, or the cleaner fails and the next trial waits for CPUs forever)."""
+    out = reviewed_runs.sweep_dir
     summary = json.loads((out / "tune_results.json").read_text())
-    print(f"\nsweep of {len(summary['trials'])} trials: {time.perf_counter() - start:.0f} s end to end "
-          f"({summary['wall_seconds']:.0f} s in run_sweep); best λ={summary['best']['beta']:g} "
-          f"lr={summary['best']['learning_rate']:.3g} eval_nll_loss={summary['best']['metrics']['eval_nll_loss']:.4f}")
-    assert "(best)" in p.stdout and "best trial" in p.stdout  # the printed table and verdict
+    print(f"\nsweep of {len(summary['trials'])} trials: {summary['wall_seconds']:.0f} s in run_sweep; best "
+          f"λ={summary['best']['beta']:g} lr={summary['best']['learning_rate']:.3g} "
+          f"eval_nll_loss={summary['best']['metrics']['eval_nll_loss']:.4f}")
+    assert "(best)" in reviewed_runs.tune_stdout and "best trial" in reviewed_runs.tune_stdout  # table and verdict
 
     # tune_results.json: every trial with its config, status, final metrics; the best trial; its model exported.
     saved = summary
@@ -95,12 +79,14 @@ def test_sweep_logs_parent_and_children_to_a_live_mlflow_server(local_ray_env, t
     assert "(best)" in (out / "trials.md").read_text()
 
     # MLflow: one parent, four children with metrics, params and artifacts; the best child tagged.
-    client = MlflowClient(mlflow_server.uri)
-    exp = client.get_experiment_by_name("sweep-test")
+    client = MlflowClient(reviewed_runs.server.uri)
+    exp = client.get_experiment_by_name(REVIEW_EXPERIMENT)
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.run_id == saved["mlflow_parent_run_id"]
-    parent = parents[0]
+    # Top level: the sweep's parent and the experiment's one training run, nothing else.
+    train_run_id = json.loads((reviewed_runs.train_dir / "results.json").read_text())["mlflow_run_id"]
+    top_level = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(top_level) == {saved["mlflow_parent_run_id"], train_run_id}
+    parent = top_level[saved["mlflow_parent_run_id"]]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
     for child in children:
