@@ -1,6 +1,7 @@
 """Ray Data's task workers import the module of each function they run (parse_file, tokenize_batch): that module
-must not pull in torch or transformers' model classes, which cost a worker process ~10 s and ~420 MB on 2 cores
-(measured) before it parses a single row. A fresh interpreter shows what the import really loads."""
+must not pull in torch or transformers' model classes, which cost a worker process 10.1 s and 485 MB (against 1.7 s
+and 92 MB without them, measured on 2 cores) before it parses a single row. A fresh interpreter shows what the
+import really loads."""
 
 from __future__ import annotations
 
