@@ -608,6 +608,23 @@ def config_from_dict(values: dict, where: str = "config dict") -> Config:
     return _build(Config, values, where).validate(where)
 
 
+# The training loop's config is a plain dict (Ray Train pickles it to every worker): `Config.to_dict()` plus this key
+# for what is not configuration (e.g. the MLflow parent run of a sweep, the data statistics of the driver).
+RUN_EXTRAS_KEY = "_run"
+
+
+def loop_config(cfg: Config, extras: dict) -> dict:
+    """The dict `train_loop_per_worker` takes: `cfg` plus the run's extras."""
+    return {**cfg.to_dict(), RUN_EXTRAS_KEY: extras}
+
+
+def split_loop_config(config: dict) -> tuple[Config, dict]:
+    """Inverse of `loop_config`: (Config, extras)."""
+    config = dict(config)
+    extras = config.pop(RUN_EXTRAS_KEY, None) or {}
+    return config_from_dict(config, where="train_loop_per_worker config"), extras
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every field: the source of `orpo-ray config --help`-style docs."""
     rows = []

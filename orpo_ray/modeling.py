@@ -22,32 +22,17 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
 )
 
 from orpo_ray.config import ConfigError, LoraSection, ModelSection
-from orpo_ray.embedded_tokenizer import build_byte_tokenizer
+from orpo_ray.tokenizer import load_tokenizer, require_local_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes next to adapter_model.safetensors
 BASE_SUBDIR = "base"  # where an adapter export keeps base weights that exist nowhere else (e.g. 'tiny')
-
-
-def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
-    source = cfg.tokenizer or (None if cfg.name_or_path == "tiny" else cfg.name_or_path)
-    if source is None:
-        return build_byte_tokenizer()
-    _require_local_dir(source, "tokenizer")
-    tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
-    if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer at {source} has no eos_token; ORPO appends EOS to every response")
-    if tok.pad_token_id is None:
-        # Padding positions are masked out of every loss term, so reusing EOS as PAD is safe.
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def build_tiny_model(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
@@ -80,7 +65,7 @@ def load_model_and_tokenizer(cfg: ModelSection) -> tuple[torch.nn.Module, PreTra
     if cfg.name_or_path == "tiny":
         model = build_tiny_model(cfg, tokenizer)
     else:
-        _require_local_dir(cfg.name_or_path, "model")
+        require_local_dir(cfg.name_or_path, "model")
         if is_adapter_dir(cfg.name_or_path):
             if cfg.lora.enabled:
                 raise ConfigError(
@@ -175,14 +160,6 @@ def load_adapter_model(adapter_dir: str | Path, cfg: ModelSection) -> torch.nn.M
         raise FileNotFoundError(
             f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path={base!r} is not a local model directory")
     return PeftModel.from_pretrained(_load_pretrained(base_dir, cfg), adapter_dir)
-
-
-def _require_local_dir(path: str, what: str) -> None:
-    if not Path(path).is_dir():
-        raise FileNotFoundError(
-            f"model.{'tokenizer' if what == 'tokenizer' else 'name_or_path'}={path!r}: no such local directory "
-            "(orpo-ray loads models only from local directories or builds 'tiny'; nothing is downloaded)"
-        )
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

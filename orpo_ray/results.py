@@ -66,3 +66,15 @@ def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def no_eval_reason(cfg) -> str:
+    """Why a run has no eval pairs, in the words of the config (results.json keeps it as `eval_skipped`)."""
+    d = cfg.data
+    if d.max_eval_pairs == 0:
+        why = "data.max_eval_pairs=0"
+    elif d.eval_path is None and d.eval_fraction == 0:
+        why = "data.eval_fraction=0 and no eval data"
+    else:
+        why = "the eval data gave no pair (rows quarantined - see quarantine.jsonl -, identical pairs dropped, or a split too small)"
+    return f"no eval pairs: {why}; nothing was evaluated"

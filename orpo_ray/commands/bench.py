@@ -134,9 +134,8 @@ def _apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def run_orpo_leg(spec: dict) -> dict:
-    """orpo-ray's own loop in this process (LocalRuntime), or under Ray when the leg asks for workers."""
-    from orpo_ray.train.loop import train_loop_per_worker
-
+    """orpo-ray's own loop in this process (LocalRuntime), or under Ray when the leg asks for workers. A Ray leg's
+    process is the driver of `orpo-ray train`, as light as the real one: no model code is imported here."""
     values = _apply_overrides(dict(spec["config"]), [
         f"output_dir={spec['work']}", f"model.name_or_path={spec['model_dir']}", "model.tokenizer=null",
         f"data.train_path={spec['train']}", f"data.eval_path={spec['eval']}", "data.format=pairs",
@@ -150,6 +149,8 @@ def run_orpo_leg(spec: dict) -> dict:
 
         results = run_training(cfg)
     else:
+        from orpo_ray.train.loop import train_loop_per_worker
+
         results = train_loop_per_worker(cfg.to_dict())
     history = json.loads((Path(cfg.output_dir) / "history.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]

@@ -22,7 +22,7 @@ from orpo_ray.data.policy import identical_responses
 from orpo_ray.data.prepare import prepare_data
 from orpo_ray.data.records import closest_format, detect_format, iter_records
 from orpo_ray.data.tokenize import render_pair
-from orpo_ray.modeling import load_tokenizer
+from orpo_ray.tokenizer import load_tokenizer
 
 NEAR_IDENTICAL_RATIO = 0.95  # difflib similarity of token ids at or above which a pair is "nearly identical"
 EXAMPLES_PER_REASON = 3

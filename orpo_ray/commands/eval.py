@@ -23,8 +23,8 @@ from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.modeling import is_adapter_dir, load_model_and_tokenizer
 from orpo_ray.objectives import build_objective
 from orpo_ray.precision import select_precision
-from orpo_ray.results import MARGIN_KEY, logp_margin
-from orpo_ray.train.evaluation import evaluate, no_eval_reason
+from orpo_ray.results import MARGIN_KEY, logp_margin, no_eval_reason
+from orpo_ray.train.evaluation import evaluate
 from orpo_ray.train.runtime import LocalRuntime
 
 

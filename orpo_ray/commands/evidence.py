@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from orpo_ray.commands.eval import run_eval
-from orpo_ray.config import Config
+from orpo_ray.config import Config, loop_config
 from orpo_ray.results import logp_margin
 from orpo_ray.tracking.plots import plot_logps_by_arm
 
@@ -95,7 +95,7 @@ def _cell(key: str, value: Any) -> str:
 def run_evidence(cfg: Config, command: str | None = None) -> dict:
     """Train and evaluate every arm, then write plots, evidence.json/.md and log them to MLflow."""
     from orpo_ray.tracking import make_tracker
-    from orpo_ray.train.loop import RUN_EXTRAS_KEY, train_loop_per_worker
+    from orpo_ray.train.loop import train_loop_per_worker
 
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def run_evidence(cfg: Config, command: str | None = None) -> dict:
         for arm in arms_for(cfg):
             arm_cfg = arm_config(cfg, arm)
             print(f"[orpo-ray evidence] arm {arm.name}: λ = {arm.beta:g} -> {arm_cfg.output_dir}", flush=True)
-            train_loop_per_worker({**arm_cfg.to_dict(), RUN_EXTRAS_KEY: extras})
+            train_loop_per_worker(loop_config(arm_cfg, extras))
             evaluation = run_eval(arm_cfg, mlflow_uri=uri, parent_run_id=parent.run_id)
             rows.append(summarize(arm, evaluation["eval"]) | {"generations": evaluation["generations"][:3]})
             histories[arm.name] = (arm.beta, json.loads((Path(arm_cfg.output_dir) / "history.json").read_text()))

@@ -8,7 +8,8 @@ import json
 import torch
 
 from orpo_ray.config import Config
-from orpo_ray.modeling import apply_lora, build_tiny_model, load_tokenizer, parameter_counts
+from orpo_ray.modeling import apply_lora, build_tiny_model, parameter_counts
+from orpo_ray.tokenizer import load_tokenizer
 from orpo_ray.plan import format_plan, model_shape, resolve_plan
 
 

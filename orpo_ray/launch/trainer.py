@@ -20,10 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
-from orpo_ray.config import Config, with_absolute_paths
-from orpo_ray.launch.ray_runtime import RayRuntime
+from orpo_ray.config import Config, loop_config, split_loop_config, with_absolute_paths
 from orpo_ray.launch.run_state import (
     finished_results,
     output_dir_lock,
@@ -34,12 +31,19 @@ from orpo_ray.launch.run_state import (
 )
 from orpo_ray.launch.session import cpus_per_worker, ensure_ray, quiet_ray_data, worker_env
 from orpo_ray.output_staging import fetch_results
-from orpo_ray.train.loop import RUN_EXTRAS_KEY, train_loop_per_worker
 
 
 def ray_train_loop(config: dict) -> None:
-    """What each Ray Train worker runs: the project's one loop with a RayRuntime."""
-    from orpo_ray.train.loop import split_loop_config
+    """What each Ray Train worker runs: the project's one loop with a RayRuntime.
+
+    The model code is imported here, in the worker, and not at the top of this module: the driver and Ray Train's
+    controller import this module too (the controller to unpickle this function), and neither builds a model.
+    transformers' model classes bring torch's compiler stack with them: ~4 s and ~200 MB per process on 2 cores.
+    """
+    import torch
+
+    from orpo_ray.launch.ray_runtime import RayRuntime
+    from orpo_ray.train.loop import train_loop_per_worker
 
     cfg, extras = split_loop_config(config)
     quiet_ray_data()
@@ -61,11 +65,10 @@ def make_trainer(cfg: Config, datasets: dict, extras: dict, *, callbacks=None):
     cfg = with_absolute_paths(cfg)  # workers run in another directory
     cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=cpus_per_worker(cfg)))
     s = cfg.scaling
-    loop_config = {**cfg.to_dict(), RUN_EXTRAS_KEY: extras}
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": 1} if s.use_gpu else {})
     return TorchTrainer(
         ray_train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config(cfg, extras),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(

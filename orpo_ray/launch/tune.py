@@ -48,7 +48,7 @@ from orpo_ray.launch.sweep import (
     trial_row,
 )
 from orpo_ray.launch.trainer import fit_run
-from orpo_ray.train.evaluation import no_eval_reason
+from orpo_ray.results import no_eval_reason
 
 SWEEP_STATE_FILE = "sweep_state.json"  # {"config": identity, "mlflow_parent_run_id": ..., "completed": bool}
 RESULTS_FILE = "tune_results.json"

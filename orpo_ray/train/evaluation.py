@@ -47,18 +47,6 @@ def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id:
     return with_prefix(reduced, "eval_")
 
 
-def no_eval_reason(cfg: Config) -> str:
-    """Why a run has no eval pairs, in the words of the config (results.json keeps it as `eval_skipped`)."""
-    d = cfg.data
-    if d.max_eval_pairs == 0:
-        why = "data.max_eval_pairs=0"
-    elif d.eval_path is None and d.eval_fraction == 0:
-        why = "data.eval_fraction=0 and no eval data"
-    else:
-        why = "the eval data gave no pair (rows quarantined - see quarantine.jsonl -, identical pairs dropped, or a split too small)"
-    return f"no eval pairs: {why}; nothing was evaluated"
-
-
 def reduce_metrics(averager: MetricAverager, runtime: WorkerRuntime, objective: Objective) -> dict:
     """Exact means over all ranks: sums and counts of the objective's metrics are all-reduced, then divided."""
     packed = runtime.all_reduce_sum(averager.as_tensor(objective.metric_names))

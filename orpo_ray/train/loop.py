@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from orpo_ray.config import Config, config_from_dict
+from orpo_ray.config import Config, split_loop_config
 from orpo_ray.console import progress_interval
 from orpo_ray.data.tokenize import use_chat_template
 from orpo_ray.forward.fast_path import resolve_fast_path
@@ -34,24 +34,16 @@ from orpo_ray.objectives import build_objective, step_nll_weights
 from orpo_ray.output_staging import upload_from_other_host
 from orpo_ray.plan import format_plan, model_shape, resolve_plan
 from orpo_ray.precision import autocast_context, hardware_summary, select_precision
-from orpo_ray.results import write_results
+from orpo_ray.results import no_eval_reason, write_results
 from orpo_ray.train.engine import create_engine, deepspeed_section
-from orpo_ray.train.evaluation import evaluate, no_eval_reason, reduce_metrics, to_device
+from orpo_ray.train.evaluation import evaluate, reduce_metrics, to_device
 from orpo_ray.train.metrics import MetricAverager
 from orpo_ray.train.runtime import COMPLETE_MARKER, LocalRuntime, WorkerRuntime
-
-RUN_EXTRAS_KEY = "_run"  # non-Config entries of the loop's config dict (e.g. MLflow parent run id)
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def split_loop_config(config: dict) -> tuple[Config, dict]:
-    config = dict(config)
-    extras = config.pop(RUN_EXTRAS_KEY, None) or {}
-    return config_from_dict(config, where="train_loop_per_worker config"), extras
 
 
 def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) -> dict:

@@ -222,7 +222,7 @@ def data_train_fn(cfg):
     import ray.train
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     out = {"rank": rank, "batches": 0, "rows": [], "eval_rows": 0}
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=cfg["bs"], batch_format="numpy"):
         col = batch["input_ids"]

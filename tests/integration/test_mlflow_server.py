@@ -153,6 +153,7 @@ def test_child_tracker_and_parent_run_id(mlflow_server: MlflowServer) -> None:
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     assert client.get_run(kid_id).data.tags["mlflow.parentRunId"] == parent_id
     assert client.get_run(kid_id).data.tags["lr"] == "1e-4"
+    assert client.get_run(other_id).data.tags["mlflow.parentRunId"] == parent_id
     children = client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",

@@ -15,7 +15,7 @@ import torch
 from orpo_ray.config import ConfigError, load_config
 from orpo_ray.data.prepare import prepare_data
 from orpo_ray.launch.trainer import run_training
-from orpo_ray.modeling import load_tokenizer
+from orpo_ray.tokenizer import load_tokenizer
 from orpo_ray.train.loop import train_loop_per_worker
 from tests.integration.ray_train_helpers import DEMO, TINY, ReportRecorder, losses, read_reports
 

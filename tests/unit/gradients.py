@@ -5,8 +5,6 @@ meaningful relative error, and an elementwise rtol needs an atol that would hide
 gradient is zero in exact arithmetic (a key bias: softmax ignores a constant added to a row's scores) holds only
 rounding noise, ~1e-10 of the largest gradient, so norms are floored at 1e-3 of the largest tensor's norm."""
 
-import torch
-
 GRADIENT_RTOL = 1e-5
 NORM_FLOOR = 1e-3  # of the largest parameter gradient's norm
 
