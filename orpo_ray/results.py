@@ -12,7 +12,10 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from orpo_ray.config import Config
 
 def with_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """Same values, keys prefixed (``with_prefix(m, "eval_")`` gives TRL's eval names)."""
@@ -68,7 +71,7 @@ def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
         raise
 
 
-def no_eval_reason(cfg) -> str:
+def no_eval_reason(cfg: Config) -> str:
     """Why a run has no eval pairs, in the words of the config (results.json keeps it as `eval_skipped`)."""
     d = cfg.data
     if d.max_eval_pairs == 0:

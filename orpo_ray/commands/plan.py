@@ -9,8 +9,8 @@ import torch
 
 from orpo_ray.config import Config
 from orpo_ray.modeling import apply_lora, build_tiny_model, parameter_counts
-from orpo_ray.tokenizer import load_tokenizer
 from orpo_ray.plan import format_plan, model_shape, resolve_plan
+from orpo_ray.tokenizer import load_tokenizer
 
 
 def meta_model(cfg: Config) -> torch.nn.Module:

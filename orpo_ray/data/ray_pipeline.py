@@ -35,6 +35,7 @@ from orpo_ray.data.records import DamagedFileError, Quarantined, pair_to_row, re
 from orpo_ray.data.tokenize import FLAG_COLUMNS, QUARANTINE_COLUMNS, TOKEN_COLUMNS, tokenize_batch, use_chat_template
 from orpo_ray.tokenizer import load_tokenizer
 
+
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
 
 

@@ -17,16 +17,20 @@ from tests.integration.ray_train_helpers import ROOT
 pytestmark = pytest.mark.integration
 
 HEAVY = ("torch", "transformers.modeling_utils", "peft", "deepspeed")
+MODEL_CODE = ("transformers.modeling_utils", "torch._dynamo", "peft", "deepspeed")
+
+
+def loaded_after(code: str, watched: tuple) -> list[str]:
+    """The `watched` modules that a fresh interpreter has loaded after running `code`."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {watched!r} if m in sys.modules]))\n"
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("module", ["orpo_ray.data.ray_pipeline", "orpo_ray.data.tokenize", "orpo_ray.data.records"])
 def test_ray_data_task_modules_do_not_import_torch(module):
-    code = f"import json, sys, {module}; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [], (module, out.stdout)
-
-
-MODEL_CODE = ("transformers.modeling_utils", "torch._dynamo", "peft", "deepspeed")
+    assert loaded_after(f"import {module}", HEAVY) == [], module
 
 
 def test_driver_and_train_controller_do_not_import_model_code():
@@ -34,16 +38,34 @@ def test_driver_and_train_controller_do_not_import_model_code():
     worker function by reference (importing its module). Neither builds a model, so neither may load transformers'
     model classes, torch's compiler stack, peft or DeepSpeed: they cost ~4 s and ~200 MB per process here."""
     code = (
-        "import json, pickle, sys\n"
-        "from orpo_ray.launch.trainer import run_training, ray_train_loop\n"
-        "from orpo_ray.data.ray_pipeline import tokenized_datasets\n"
-        "from orpo_ray.tokenizer import load_tokenizer\n"
-        "from orpo_ray.config import load_config\n"
-        "load_tokenizer(load_config('configs/demo.yaml').model)\n"
+        "import pickle\n"
         "import ray.cloudpickle\n"
+        "from orpo_ray.config import load_config\n"
+        "from orpo_ray.data.ray_pipeline import tokenized_datasets\n"
+        "from orpo_ray.launch.trainer import ray_train_loop, run_training\n"
+        "from orpo_ray.tokenizer import load_tokenizer\n"
+        "load_tokenizer(load_config('configs/demo.yaml').model)\n"
         "assert pickle.loads(ray.cloudpickle.dumps(ray_train_loop)) is ray_train_loop\n"
-        f"print(json.dumps([m for m in {MODEL_CODE!r} if m in sys.modules]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [], out.stdout
+    assert loaded_after(code, MODEL_CODE) == []
+
+
+def test_driver_loading_a_model_directorys_tokenizer_does_not_import_model_classes(tmp_path):
+    """A user's run loads the tokenizer of a model directory in the driver. transformers itself then loads torch's
+    compiler stack (AutoConfig's type validators import transformers.activations), but still no model class, peft
+    or DeepSpeed."""
+    from transformers import LlamaConfig
+
+    from orpo_ray.embedded_tokenizer import build_byte_tokenizer
+
+    model_dir = tmp_path / "model"
+    build_byte_tokenizer().save_pretrained(model_dir)
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=259).save_pretrained(model_dir)
+    code = (
+        "from orpo_ray.config import load_config\n"
+        "from orpo_ray.tokenizer import load_tokenizer\n"
+        f"tok = load_tokenizer(load_config('configs/demo.yaml', ['model.name_or_path={model_dir}']).model)\n"
+        "assert tok.eos_token_id is not None\n"
+    )
+    assert loaded_after(code, HEAVY[1:]) == []
