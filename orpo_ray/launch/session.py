@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from orpo_ray import ONEDNN_CACHE_ENV
+from orpo_ray import CACHE_BOUNDS
 from orpo_ray.config import Config
 from orpo_ray.console import VERBOSE_ENV, verbose
 from orpo_ray.output_staging import OUTPUT_HOST_ENV, OUTPUT_URI_ENV
@@ -21,7 +21,7 @@ PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"  # ray.train.v2._internal.const
 
 def worker_env(address: str | None = None, use_gpu: bool = False) -> dict:
     """Environment for Ray workers: DeepSpeed's accelerator, a persistent cache for its JIT-built ops, the bounded
-    oneDNN primitive cache, and the cluster's address. Without RAY_ADDRESS, Ray's State API inside a worker scans
+    oneDNN/ideep caches, and the cluster's address. Without RAY_ADDRESS, Ray's State API inside a worker scans
     the machine for clusters and fails when there are several ("Found multiple active Ray instances"); Ray Train's placement-group cleaner
     uses it to free the resources of a Train run whose controller died (a Tune trial ASHA stopped), so the
     next trial would wait for CPUs forever.
@@ -36,7 +36,7 @@ def worker_env(address: str | None = None, use_gpu: bool = False) -> dict:
     worker printed (the plan, the start-up line) reached the driver twice."""
     env = {"DS_ACCELERATOR": "cuda" if use_gpu else os.environ.get("DS_ACCELERATOR", "cpu")}
     env[PRINT_PATCH_ENV] = os.environ.get(PRINT_PATCH_ENV, "0")
-    env[ONEDNN_CACHE_ENV] = os.environ[ONEDNN_CACHE_ENV]  # from process start (see orpo_ray/__init__.py)
+    env.update({k: os.environ[k] for k in CACHE_BOUNDS})  # from process start (see orpo_ray/__init__.py)
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_ray_torch_extensions"))
     # A URI output_dir (output_staging.py): rank 0 on another host than the driver's uploads its own outputs.

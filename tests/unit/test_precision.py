@@ -45,19 +45,20 @@ def test_hardware_summary_names_the_cpu():
     assert summary["cpu"] and summary["cpu_capability"]
 
 
-def _onednn_capacity_after_import(env: dict) -> str:
+def _cache_bounds_after_import(env: dict) -> list[str]:
     import subprocess
     import sys
 
-    code = "import os, orpo_ray; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    code = "import os, orpo_ray; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+                          check=True).stdout.split()
 
 
-def test_importing_orpo_ray_bounds_the_onednn_primitive_cache_unless_the_user_set_it():
-    """oneDNN's default 1,024-entry cache grew the RSS by GBs on shape-varying packed batches (README, Memory)."""
+def test_importing_orpo_ray_bounds_the_onednn_and_ideep_caches_unless_the_user_set_them():
+    """oneDNN's and ideep's default 1,024-entry caches grew the RSS by GBs (oneDNN) and ~470 MB (ideep, bf16) on
+    shape-varying packed batches (README, Memory over long runs)."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    assert _onednn_capacity_after_import(env) == "64"
-    assert _onednn_capacity_after_import({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}) == "16"
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    assert _cache_bounds_after_import(env) == ["64", "8"]
+    assert _cache_bounds_after_import({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": "2"}) == ["16", "2"]
