@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:
     from orpo_ray.config import Config
 
+
 def with_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """Same values, keys prefixed (``with_prefix(m, "eval_")`` gives TRL's eval names)."""
     return {f"{prefix}{k}": v for k, v in metrics.items()}
