@@ -72,27 +72,49 @@ def _apply_post_(z: Tensor, scale: float, softcap: float | None) -> Tensor:
     return z
 
 
-def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, float | None], acc: torch.dtype,
-                  buffer: Tensor | None) -> Tensor:
-    """post(h @ w.T + b) in ``acc`` dtype, written into ``buffer[:len(h)]`` when given.
+class _ChunkBuffers:
+    """The chunk-sized tensors of one lm-head call, allocated once and reused by every chunk.
 
-    Why a buffer: a chunk's logits (1,024 x 8,192 fp32 = 32 MiB) are above glibc's largest mmap threshold, so a
-    fresh tensor per chunk is a fresh mmap that page-faults in every time; measured on a 2-core EPYC, the
-    [1024, 256] x [256, 8192] product took 55 ms into a new tensor and 41 ms into a reused one."""
-    if buffer is None:  # the matmul runs in a narrower dtype (bf16 autocast): its output is converted anyway
-        logits = torch.nn.functional.linear(h, w, b).to(acc)
+    Why: a chunk's logits are big (1,024 x 8,192 fp32 = 32 MiB; x 32,000 = 125 MiB), above glibc's largest mmap
+    threshold, so a fresh tensor per chunk is a fresh mmap that page-faults in every time. Measured on a 2-core
+    EPYC: [1024, 256] x [256, 8192] took 55 ms into a new fp32 tensor and 41 ms into a reused one; in bf16 the
+    product plus its fp32 copy took 20-23 ms fresh and 8 ms into reused buffers.
+
+    logits: [min(m, chunk), V] in the accumulation dtype; low: the same in the matmul's dtype when that is
+    narrower (bf16): the product lands there, is copied up into ``logits``, and later holds the chunk's logit
+    gradient cast down for the backward matmuls; `weight_product`: the weight gradient's per-chunk product in
+    the matmul's dtype and widened to the accumulator's (an in-place add of a bf16 tensor to an fp32 one would
+    make a fresh fp32 copy of it each time).
+    """
+
+    def __init__(self, m: int, chunk: int, w: Tensor, acc: torch.dtype):
+        rows = min(m, chunk)
+        self.logits = torch.empty(rows, w.shape[0], dtype=acc, device=w.device)
+        self.low = None if w.dtype == acc else torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device)
+        self._weight_product: tuple[Tensor, Tensor] | None = None
+
+    def weight_product(self, w: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+        """([V, H] in w's dtype, [V, H] in ``acc``), made on first use."""
+        if self._weight_product is None:
+            self._weight_product = (torch.empty_like(w), torch.empty_like(w, dtype=acc))
+        return self._weight_product
+
+
+def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, float | None],
+                  buffers: _ChunkBuffers) -> Tensor:
+    """post(h @ w.T + b) in the accumulation dtype, in ``buffers.logits[:len(h)]``.
+
+    The product is what ``linear(h, w, b)`` computes (addmm / mm, in the matmul's dtype), then widened."""
+    rows = h.shape[0]
+    logits = buffers.logits[:rows]
+    product = logits if buffers.low is None else buffers.low[:rows]
+    if b is None:
+        torch.mm(h, w.t(), out=product)
     else:
-        logits = buffer[: h.shape[0]]
-        if b is None:
-            torch.mm(h, w.t(), out=logits)
-        else:
-            torch.addmm(b, h, w.t(), out=logits)
+        torch.addmm(b, h, w.t(), out=product)
+    if product is not logits:
+        logits.copy_(product)
     return _apply_post_(logits, *post)
-
-
-def _logit_buffer(m: int, chunk: int, w: Tensor, acc: torch.dtype) -> Tensor | None:
-    """One [min(m, chunk), V] buffer for every chunk of a call, when the matmul's dtype is the accumulation dtype."""
-    return torch.empty(min(m, chunk), w.shape[0], dtype=acc, device=w.device) if w.dtype == acc else None
 
 
 def _logsumexp_(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,25 +154,28 @@ class _InputGrads:
         self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
         self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need[2] else None
 
-    def add(self, rows: slice, grad: Tensor, h: Tensor, w: Tensor) -> None:
-        """grad: [rows, V] d(loss)/d(logits) in the accumulation dtype; h, w: the chunk's matmul inputs."""
+    def add(self, rows: slice, grad: Tensor, h: Tensor, w: Tensor, buffers: _ChunkBuffers) -> None:
+        """grad: [rows, V] d(loss)/d(logits) in the accumulation dtype; h, w: the chunk's matmul inputs;
+        buffers: the call's `_ChunkBuffers` (``low`` is free again once the logits were widened)."""
         if self.bias is not None:
             self.bias += grad.sum(0)
-        grad = grad.to(w.dtype)
+        if buffers.low is not None:  # the matmuls run in w's dtype: cast down into the reused buffer
+            grad = buffers.low[: grad.shape[0]].copy_(grad)
         if self.hidden is not None:
             self.hidden[rows] = (grad @ w).to(self.hidden.dtype)
         if self.weight is not None:
             if grad.dtype == self.weight.dtype:  # accumulate in place: no [V, H] temporary per chunk
                 self.weight.addmm_(grad.T, h)
-            else:
-                self.weight += (grad.T @ h).to(self.weight.dtype)
+            else:  # the product in w's dtype (as grad.T @ h gives it), then widened
+                low, wide = buffers.weight_product(w, self.weight.dtype)
+                self.weight += wide.copy_(torch.mm(grad.T, h, out=low))
 
     def scaled(self, weight: Tensor, bias: Tensor | None, by: Tensor | None = None):
         """(hidden, weight, bias) gradients in the parameters' dtypes, times ``by`` (an upstream scalar)."""
         out = []
         for grad, like in ((self.hidden, None), (self.weight, weight), (self.bias, bias)):
             if grad is not None:
-                grad = grad if by is None else grad * by.to(grad.dtype)
+                grad = grad if by is None else grad.mul_(by.to(grad.dtype))  # ours alone: scaled in place
                 grad = grad if like is None else grad.to(like.dtype)
             out.append(grad)
         return tuple(out)
@@ -171,10 +196,10 @@ class _ChunkForward(NamedTuple):
     top: Tensor          # [rows] the row maxima (lse - top = log of shifted_exp's row sums)
 
 
-def _chunk_forward(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, float | None], acc: torch.dtype,
-                   buffer: Tensor | None, targets: Tensor) -> _ChunkForward:
+def _chunk_forward(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, float | None],
+                   buffers: _ChunkBuffers, targets: Tensor) -> _ChunkForward:
     """One chunk's logits reduced to what both lm-head functions keep."""
-    logits = _chunk_logits(h, w, b, post, acc, buffer)
+    logits = _chunk_logits(h, w, b, post, buffers)
     sums = logits.sum(-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     lse, top = _logsumexp_(logits)
@@ -182,10 +207,10 @@ def _chunk_forward(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, fl
 
 
 def _recomputed_softmax(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, float | None],
-                        acc: torch.dtype, buffer: Tensor | None, lse: Tensor) -> tuple[Tensor, Tensor]:
+                        buffers: _ChunkBuffers, lse: Tensor) -> tuple[Tensor, Tensor]:
     """(softmax, logits) of a chunk computed again from its saved log-sum-exp: in place on the fresh logits,
     unless a soft-cap's derivative still needs them."""
-    logits = _chunk_logits(h, w, b, post, acc, buffer)
+    logits = _chunk_logits(h, w, b, post, buffers)
     probs = (logits.clone() if post[1] is not None else logits).sub_(lse.unsqueeze(-1)).exp_()
     return probs, logits
 
@@ -251,11 +276,11 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
                 compute_dtype: torch.dtype, post: tuple[float, float | None]):
         acc, w, b = _operands(weight, bias, compute_dtype)
         logps, lse, sums = (torch.empty(hidden.shape[0], dtype=acc, device=hidden.device) for _ in range(3))
-        buffer = _logit_buffer(hidden.shape[0], chunk, w, acc)
+        buffers = _ChunkBuffers(hidden.shape[0], chunk, w, acc)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                out = _chunk_forward(hidden[rows].to(compute_dtype), w, b, post, acc, buffer, targets[rows])
+                out = _chunk_forward(hidden[rows].to(compute_dtype), w, b, post, buffers, targets[rows])
                 logps[rows], lse[rows], sums[rows] = out.target_logps, out.lse, out.logit_sums
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.compute_dtype, ctx.post = chunk, compute_dtype, post
@@ -269,14 +294,14 @@ class _ChunkedLmHeadLogProb(torch.autograd.Function):
         cd, post = ctx.compute_dtype, ctx.post
         _, w, b = _operands(weight, bias, cd)
         grads = _InputGrads(hidden, weight, bias, lse.dtype, ctx.needs_input_grad[:3])
-        buffer = _logit_buffer(hidden.shape[0], ctx.chunk, w, lse.dtype)
+        buffers = _ChunkBuffers(hidden.shape[0], ctx.chunk, w, lse.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 h = hidden[rows].to(cd)
-                probs, logits = _recomputed_softmax(h, w, b, post, lse.dtype, buffer, lse[rows])
+                probs, logits = _recomputed_softmax(h, w, b, post, buffers, lse[rows])
                 g = grad_logps[rows].to(lse.dtype).unsqueeze(-1)
-                grads.add(rows, _logit_grad_(probs, targets[rows], g, logits, post), h, w)
+                grads.add(rows, _logit_grad_(probs, targets[rows], g, logits, post), h, w, buffers)
         return (*grads.scaled(weight, bias), None, None, None, None)
 
 

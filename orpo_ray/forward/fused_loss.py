@@ -32,9 +32,9 @@ from torch import Tensor
 from orpo_ray.forward.chunked_lm_head import (
     LmHeadTargets,
     _chunk_forward,
+    _ChunkBuffers,
     _compute_dtype,
     _InputGrads,
-    _logit_buffer,
     _logit_grad_,
     _operands,
     _recomputed_softmax,
@@ -85,12 +85,12 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         logps, lses, sums = (torch.empty(m, dtype=acc, device=hidden.device) for _ in range(3))
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grads = _InputGrads(hidden, weight, bias, acc, ctx.needs_input_grad[:3])
-        buffer = _logit_buffer(m, chunk, w, acc)
+        buffers = _ChunkBuffers(m, chunk, w, acc)
         with torch.autocast(hidden.device.type, enabled=False):
             for start, end in groups:
                 chunks = [slice(i, min(i + chunk, end)) for i in range(start, end, chunk)]
                 for rows in chunks:  # log-probs; a one-chunk group keeps its shifted exp for the gradient
-                    out = _chunk_forward(hidden[rows].to(compute_dtype), w, b, post, acc, buffer, targets[rows])
+                    out = _chunk_forward(hidden[rows].to(compute_dtype), w, b, post, buffers, targets[rows])
                     logps[rows], lses[rows], sums[rows] = out.target_logps, out.lse, out.logit_sums
                 kept = len(chunks) == 1 and post[1] is None
                 with torch.enable_grad():
@@ -106,8 +106,8 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                     if kept:  # exp(x - top) * exp(top - lse) = softmax(x)
                         probs, x = out.shifted_exp.mul_(torch.exp(out.top - out.lse).unsqueeze(-1)), None
                     else:
-                        probs, x = _recomputed_softmax(h, w, b, post, acc, buffer, lses[rows])
-                    grads.add(rows, _logit_grad_(probs, targets[rows], g, x, post), h, w)
+                        probs, x = _recomputed_softmax(h, w, b, post, buffers, lses[rows])
+                    grads.add(rows, _logit_grad_(probs, targets[rows], g, x, post), h, w, buffers)
         ctx.grads = grads
         ctx.weight_bias = (weight, bias)
         ctx.mark_non_differentiable(logps, sums)

@@ -126,6 +126,32 @@ def test_chunked_lm_head_with_bias_scaling_and_softcap_gradcheck_fp64():
                                     (hidden, weight, bias))
 
 
+def _chunk_sized_allocations(chunks: int, bf16: bool, bias: bool, chunk: int = 64, vocab: int = 4096) -> int:
+    """Allocations of at least one bf16 chunk of logits during a chunked lm-head forward and backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(chunks * chunk, 32, generator=g, requires_grad=True)  # [V, H] stays below a chunk
+    weight = (torch.randn(vocab, 32, generator=g) * 0.1).requires_grad_()
+    head = LmHead(weight, torch.zeros(vocab, requires_grad=True) if bias else None)
+    targets = torch.randint(0, vocab, (chunks * chunk,), generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logps, _ = chunked_target_logps(hidden, head, targets, chunk)
+        logps.sum().backward()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= chunk * vocab * 2)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_chunked_lm_head_allocates_its_chunk_sized_tensors_once_per_call_not_per_chunk(bf16, bias):
+    """A chunk of logits is tens of MB on real vocabularies: a fresh one per chunk is a fresh mmap that
+    page-faults in each time (the bf16 path used to make 6 per chunk: product, fp32 copy, gradient cast...)."""
+    one, four = _chunk_sized_allocations(1, bf16, bias), _chunk_sized_allocations(4, bf16, bias)
+    assert one > 0
+    assert four == one
+
+
 def test_block_mask_rejected_sees_prompt_not_chosen():
     rows = [{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2]}]
     b = collate_packed(rows, pad_token_id=0, prefix_sharing=True, pack_length=8)
