@@ -152,6 +152,27 @@ def test_chunked_lm_head_allocates_its_chunk_sized_tensors_once_per_call_not_per
     assert four == one
 
 
+@pytest.mark.parametrize("hidden_size", [16, 96], ids=["weight-product-in-logits-buffer", "own-buffers"])
+def test_bf16_chunked_lm_head_matches_autocast_linear_whichever_buffers_hold_the_weight_product(hidden_size):
+    """The weight gradient's per-chunk product lives in the dead logits buffer when it fits (H <= 2/3 of the
+    chunk's rows), else in buffers of its own: both give autograd's bf16 results through nn.functional.linear."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(80, hidden_size, generator=g, requires_grad=True)
+    weight = (torch.randn(300, hidden_size, generator=g) * 0.2).requires_grad_()
+    targets = torch.randint(0, 300, (80,), generator=g)
+    upstream = torch.randn(80, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, _ = chunked_target_logps(hidden, weight, targets, 32)
+        logits = torch.nn.functional.linear(hidden, weight).float()
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(logps, ref, rtol=1e-5, atol=1e-5)  # same bf16 product, fp32 after it
+    ours = torch.autograd.grad((logps * upstream).sum(), (hidden, weight))
+    theirs = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
+    for a, b in zip(ours, theirs):  # bf16 matmuls in both, summed in different orders
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+        torch.testing.assert_close(a.norm(), b.norm(), rtol=1e-2, atol=0)
+
+
 def test_block_mask_rejected_sees_prompt_not_chosen():
     rows = [{"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2]}]
     b = collate_packed(rows, pad_token_id=0, prefix_sharing=True, pack_length=8)
