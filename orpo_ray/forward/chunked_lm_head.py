@@ -93,8 +93,8 @@ class _ChunkBuffers:
         self.low = None if w.dtype == acc else torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device)
         self._weight_product: tuple[Tensor, Tensor] | None = None
 
-    def weight_product(self, w: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-        """([V, H] in w's dtype, [V, H] in ``acc``) for `_InputGrads.add`, which calls this only after the chunk's
+    def weight_product(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """([V, H] in w's dtype, [V, H] in the accumulation dtype) for `_InputGrads.add`, which calls this only after the chunk's
         logit gradient was cast down into ``low``: ``logits`` is dead until the next chunk's product, so both
         live in its memory when it is big enough (H <= 2/3 of the chunk's rows for bf16 and fp32). They are
         taken at the end of the forward, when the activations peak: 98 MB saved there at V=32,000, H=512."""
@@ -106,7 +106,7 @@ class _ChunkBuffers:
                 low = flat[v * h:].view(torch.uint8)[:low_bytes].view(w.dtype).view(v, h)
                 self._weight_product = (low, flat[: v * h].view(v, h))
             else:
-                self._weight_product = (torch.empty_like(w), torch.empty_like(w, dtype=acc))
+                self._weight_product = (torch.empty_like(w), torch.empty_like(w, dtype=self.logits.dtype))
         return self._weight_product
 
 
@@ -177,7 +177,7 @@ class _InputGrads:
             if grad.dtype == self.weight.dtype:  # accumulate in place: no [V, H] temporary per chunk
                 self.weight.addmm_(grad.T, h)
             else:  # the product in w's dtype (as grad.T @ h gives it), then widened
-                low, wide = buffers.weight_product(w, self.weight.dtype)
+                low, wide = buffers.weight_product(w)
                 self.weight += wide.copy_(torch.mm(grad.T, h, out=low))
 
     def scaled(self, weight: Tensor, bias: Tensor | None, by: Tensor | None = None):

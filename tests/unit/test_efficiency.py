@@ -131,7 +131,8 @@ def _chunk_sized_allocations(chunks: int, bf16: bool, bias: bool, chunk: int = 6
     from torch.profiler import ProfilerActivity, profile
 
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(chunks * chunk, 32, generator=g, requires_grad=True)  # [V, H] stays below a chunk
+    # H=32: a [V, H] tensor is at most one bf16 chunk (the fp32 weight gradient, counted once per call).
+    hidden = torch.randn(chunks * chunk, 32, generator=g, requires_grad=True)
     weight = (torch.randn(vocab, 32, generator=g) * 0.1).requires_grad_()
     head = LmHead(weight, torch.zeros(vocab, requires_grad=True) if bias else None)
     targets = torch.randint(0, vocab, (chunks * chunk,), generator=g)
