@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from orpo_ray.allocator import active_allocator
 from orpo_ray.config import Config
 from orpo_ray.forward.fast_path import SWITCHES
 from orpo_ray.precision import select_precision
@@ -62,9 +63,10 @@ def _torch_engine_line(cfg: Config, workers: int) -> str:
 
 
 def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_deepspeed: bool,
-                 device: torch.device | str, world_size: int | None = None) -> dict:
+                 device: torch.device | str, world_size: int | None = None, allocator: str | None = None) -> dict:
     """The run as it will execute. `shape`: see `model_shape`. `world_size`: the workers that actually run (1 for
-    an in-process run), else scaling.num_workers."""
+    an in-process run), else scaling.num_workers. `allocator`: the workers' malloc as planned; None: this
+    process's own (a worker reports what it runs on)."""
     s, d, e, t = cfg.scaling, cfg.deepspeed, cfg.efficiency, cfg.train
     workers = world_size or s.num_workers
     precision, reason = select_precision(t.precision, device)
@@ -85,6 +87,7 @@ def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_de
                   if use_deepspeed else _torch_engine_line(cfg, workers),
         "precision": f"{precision} ({reason})",
         "attention": cfg.model.attn_implementation,
+        "allocator": allocator or active_allocator(),
         "fast_path": {**{k: getattr(e, k) for k in SWITCHES}, "lm_head": e.lm_head},
         "data": {"train": d_source(cfg, "train"), "eval": d_source(cfg, "eval"),
                  "max_length": cfg.data.max_length},
@@ -122,7 +125,8 @@ def format_plan(plan: dict) -> str:
     m = plan["memory_gb"]
     lines = [
         f"[orpo-ray] plan: {plan['workers']} worker(s) x {plan['resources_per_worker']} on {plan['device']} "
-        f"({plan['backend']}) | {plan['engine']} | precision {plan['precision']} | attention {plan['attention']}",
+        f"({plan['backend']}) | {plan['engine']} | precision {plan['precision']} | attention {plan['attention']} "
+        f"| malloc {plan['allocator']}",
         f"[orpo-ray] plan: fast path {plan['fast_path']} | global batch {plan['global_batch_pairs']} pairs | "
         f"parameters {plan['parameters']['trainable']:,} trainable / {plan['parameters']['total']:,}",
         f"[orpo-ray] plan: data train={plan['data']['train']} | eval={plan['data']['eval']} | "

@@ -4,10 +4,12 @@ device (no weights loaded, nothing allocated), so a 7B config can be planned on 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
 from orpo_ray.config import Config
+from orpo_ray.launch.session import run_allocator
 from orpo_ray.modeling import apply_lora, build_tiny_model, parameter_counts
 from orpo_ray.plan import format_plan, model_shape, resolve_plan
 from orpo_ray.tokenizer import load_tokenizer
@@ -30,8 +32,14 @@ def run_plan(cfg: Config, *, local: bool = False) -> dict:
     model = meta_model(cfg)
     trainable, total = parameter_counts(model)
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
+    if local:  # train --local: this process, its own malloc
+        allocator = None
+    else:
+        a = run_allocator(cfg, local_instance=not (cfg.scaling.address or os.environ.get("RAY_ADDRESS")))
+        allocator = f"{a.name} ({a.reason})"
     plan = resolve_plan(cfg, shape=model_shape(model, cfg.model.attn_implementation, device), trainable=trainable,
-                        total=total, use_deepspeed=cfg.deepspeed.resolved(cfg.scaling.num_workers) and not local, device=device)
+                        total=total, use_deepspeed=cfg.deepspeed.resolved(cfg.scaling.num_workers) and not local,
+                        device=device, allocator=allocator)
     print(format_plan(plan))
     print(json.dumps(plan, indent=1))
     return plan

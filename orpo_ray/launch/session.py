@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from orpo_ray import CACHE_BOUNDS
+from orpo_ray.allocator import WorkerAllocator, bundled_jemalloc, worker_allocator
 from orpo_ray.config import Config
 from orpo_ray.console import VERBOSE_ENV, verbose
 from orpo_ray.output_staging import OUTPUT_HOST_ENV, OUTPUT_URI_ENV
@@ -85,13 +86,16 @@ def ensure_ray(cfg: Config, dashboard: bool | None = None) -> None:
     if ray.is_initialized():
         return
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    # The job's runtime env reaches every worker it starts (Ray Train's and Ray Data's), before their first malloc.
+    preload = {"LD_PRELOAD": a.preload} if (a := run_allocator(cfg, local_instance=not address)).preload else {}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu)}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu) | preload},
+                 log_to_driver=True)
     else:
         # A local instance: pick its GCS port here so the workers can be told the address (see worker_env).
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts a head node
-        runtime_env = {"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}", cfg.scaling.use_gpu)}
+        runtime_env = {"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}", cfg.scaling.use_gpu) | preload}
         dashboard = cfg.scaling.local_dashboard if dashboard is None else dashboard
         if not dashboard:
             runtime_env["worker_process_setup_hook"] = f"{__name__}.{quiet_placement_group_cleaner.__name__}"
@@ -101,6 +105,12 @@ def ensure_ray(cfg: Config, dashboard: bool | None = None) -> None:
                      num_cpus=max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.resolved_cpus(None)))
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def run_allocator(cfg: Config, *, local_instance: bool) -> WorkerAllocator:
+    """scaling.allocator resolved for this run's workers (orpo_ray/allocator.py)."""
+    return worker_allocator(cfg.scaling.allocator, local_instance=local_instance,
+                            inherited_preload=os.environ.get("LD_PRELOAD"), library=bundled_jemalloc())
 
 
 def cpus_per_worker(cfg: Config) -> int:

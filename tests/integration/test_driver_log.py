@@ -2,6 +2,8 @@
 Ray Train worker prints reaches the driver's console once (Ray Train's print patch used to send each one to
 stdout and stderr, and Ray forwarded both)."""
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from orpo_ray.allocator import active_allocator
 from tests.integration.ray_train_helpers import DEMO, TINY
 
 pytestmark = pytest.mark.integration
@@ -35,12 +38,28 @@ def test_the_preemption_watcher_switch_and_cleaner_logger_are_ray_trains_own():
     assert importlib.import_module(PG_CLEANER_LOGGER).logger.name == PG_CLEANER_LOGGER
 
 
-def test_worker_lines_reach_the_driver_once(tmp_path):
-    cmd = [sys.executable, "-m", "orpo_ray.cli", "train", DEMO, *TINY, "train.max_steps=2",
-           f"output_dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`orpo-ray train` as `make demo` runs it (2 steps): its console and results.json."""
+    out = tmp_path_factory.mktemp("driver_log") / "run"
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    cmd = [sys.executable, "-m", "orpo_ray.cli", "train", DEMO, *TINY, "train.max_steps=2", f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    console = proc.stdout + proc.stderr
+    return {"console": proc.stdout + proc.stderr, "results": json.loads((out / "results.json").read_text())}
+
+
+def test_the_worker_runs_on_rays_bundled_jemalloc(demo_run):
+    """scaling.allocator: auto on the instance the run starts: the worker's LD_PRELOAD (job runtime env) put
+    jemalloc in the Ray Train worker, as its own memory map says; the driver keeps glibc's."""
+    assert demo_run["results"]["plan"]["allocator"] == "jemalloc"
+    plan = [line for line in demo_run["console"].splitlines() if "[orpo-ray] plan:" in line and "| malloc" in line]
+    assert len(plan) == 1 and plan[0].endswith("| malloc jemalloc"), plan
+    assert active_allocator() == "system"
+
+
+def test_worker_lines_reach_the_driver_once(demo_run):
+    console = demo_run["console"]
     lines = [line for line in console.splitlines() if "[orpo-ray]" in line and "RayTrainWorker" in line]
     plan = [line for line in lines if "[orpo-ray] plan: fast path" in line]
     start = [line for line in lines if "2 steps of 16 pairs" in line]

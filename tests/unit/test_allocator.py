@@ -1,0 +1,81 @@
+"""scaling.allocator: which malloc the Ray workers get (orpo_ray/allocator.py), and how the launcher hands it to
+them. The real worker's memory map is checked by tests/integration/test_driver_log.py (a local instance: jemalloc)
+and tests/integration/test_job_submit.py (a cluster: the system's)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from orpo_ray.allocator import active_allocator, bundled_jemalloc, worker_allocator
+from orpo_ray.config import ConfigError, load_config
+
+LIB = "/opt/ray/core/libjemalloc.so"
+
+
+@pytest.mark.parametrize("setting, local, inherited, library, name, preload", [
+    ("auto", True, None, LIB, "jemalloc", LIB),
+    ("auto", False, None, LIB, "system", None),  # a cluster: this machine's path may not exist on another node
+    ("auto", True, "/usr/lib/libtcmalloc.so", LIB, "system", None),  # the user's preload is left as it is
+    ("auto", True, None, None, "system", None),
+    ("jemalloc", False, None, LIB, "jemalloc", LIB),
+    ("jemalloc", True, "/x/libfoo.so", LIB, "jemalloc", f"{LIB}:/x/libfoo.so"),
+    ("system", True, None, LIB, "system", None),
+])
+def test_worker_allocator_resolution(setting, local, inherited, library, name, preload):
+    a = worker_allocator(setting, local_instance=local, inherited_preload=inherited, library=library)
+    assert (a.name, a.preload) == (name, preload) and a.reason
+
+
+def test_asking_for_jemalloc_without_the_library_names_what_is_missing():
+    with pytest.raises(FileNotFoundError, match=r"scaling.allocator=jemalloc: Ray's libjemalloc.so was not found"):
+        worker_allocator("jemalloc", local_instance=True, inherited_preload=None, library=None)
+
+
+def test_the_installed_ray_ships_jemalloc():
+    path = bundled_jemalloc()
+    assert path is not None and Path(path).is_file() and Path(path).parent.parent.name == "ray"
+
+
+def test_active_allocator_reads_the_memory_map(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert active_allocator(str(maps)) == "system"
+    maps.write_text(maps.read_text() + "7f02-7f03 r-xp 0 08:01 2 /venv/ray/core/libjemalloc.so\n")
+    assert active_allocator(str(maps)) == "jemalloc"
+    assert active_allocator(str(tmp_path / "absent")) == "system"
+    assert active_allocator() == "system"  # this test process: nothing was preloaded
+
+
+def test_an_unknown_allocator_is_rejected():
+    with pytest.raises(ConfigError, match="allocator"):
+        load_config(None, ["scaling.allocator=tcmalloc"])
+
+
+@pytest.mark.parametrize("overrides, address, preloaded", [
+    ([], None, True),
+    (["scaling.allocator=system"], None, False),
+    ([], "10.0.0.1:6379", False),
+    (["scaling.allocator=jemalloc"], "10.0.0.1:6379", True),
+])
+def test_ensure_ray_puts_the_allocator_in_the_jobs_runtime_env(monkeypatch, overrides, address, preloaded):
+    """The job's runtime env reaches every worker Ray starts for it (Ray Train's and Ray Data's)."""
+    from orpo_ray.launch import session
+
+    calls = []  # a stand-in for ray (importing it takes seconds): what ensure_ray asks of it
+    fake = SimpleNamespace(is_initialized=lambda: False, init=lambda **kwargs: calls.append(kwargs),
+                           util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(session, "quiet_ray_data", lambda: None)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    session.ensure_ray(load_config(None, overrides))
+    (kwargs,) = calls
+    env = kwargs["runtime_env"]["env_vars"]
+    assert env.get("LD_PRELOAD") == (bundled_jemalloc() if preloaded else None)
