@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2
 
+    if args.command == "train" and args.local and argv is None:
+        _restart_under_the_workers_allocator(cfg)
+
     from orpo_ray.output_staging import staged_output
 
     try:
@@ -81,6 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _restart_under_the_workers_allocator(cfg) -> None:
+    """`train --local` from the command line runs on the malloc a local Ray instance's workers get (jemalloc by
+    default, orpo_ray/allocator.py), so the two ways of running train alike: a process picks its malloc when it
+    starts, so this one starts again, same interpreter and arguments, with the library preloaded. Once it is
+    preloaded (or the user exported an LD_PRELOAD), the new process keeps what it has."""
+    import os
+
+    from orpo_ray.launch.session import local_process_env
+
+    env = local_process_env(cfg)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def _dispatch(args: argparse.Namespace, cfg, argv: list[str] | None) -> None:

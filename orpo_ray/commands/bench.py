@@ -239,6 +239,17 @@ def _leg_main(spec_path: str, out_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def leg_env(spec: dict) -> dict | None:
+    """An in-process orpo-ray leg runs as `train --local` does, on the malloc a local instance's workers get
+    (scaling.allocator); a Ray leg's workers get it from the run itself, and TRL runs as its users run it."""
+    if spec["kind"] != "orpo":
+        return None
+    from orpo_ray.launch.session import local_process_env
+
+    cfg = config_from_dict(_apply_overrides(dict(spec["config"]), spec.get("overrides", [])))
+    return None if cfg.scaling.num_workers > 1 or spec.get("ray") else local_process_env(cfg)
+
+
 def run_leg(spec: dict, work: Path, repeats: int) -> tuple[list[dict], str | None]:
     """Run one leg `repeats` times, each in its own subprocess (its own peak RSS): (results, error or None)."""
     result_path = work / f"{spec['name']}.result.json"
@@ -252,7 +263,7 @@ def run_leg(spec: dict, work: Path, repeats: int) -> tuple[list[dict], str | Non
         spec_path.write_text(json.dumps({**spec, "work": str(run_dir)}))
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "orpo_ray.commands.bench", "--leg", str(spec_path), "--out",
-                               str(result_path)], capture_output=True, text=True)
+                               str(result_path)], capture_output=True, text=True, env=leg_env(spec))
         if proc.returncode != 0:
             return runs, proc.stderr[-3000:]
         runs.append({**json.loads(result_path.read_text()), "leg_wall_seconds": time.perf_counter() - start})

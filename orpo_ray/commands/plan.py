@@ -32,14 +32,11 @@ def run_plan(cfg: Config, *, local: bool = False) -> dict:
     model = meta_model(cfg)
     trainable, total = parameter_counts(model)
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
-    if local:  # train --local: this process, its own malloc
-        allocator = None
-    else:
-        a = run_allocator(cfg, local_instance=not (cfg.scaling.address or os.environ.get("RAY_ADDRESS")))
-        allocator = f"{a.name} ({a.reason})"
+    # train --local restarts itself on the malloc a local instance's workers get (cli.py).
+    a = run_allocator(cfg, local_instance=local or not (cfg.scaling.address or os.environ.get("RAY_ADDRESS")))
     plan = resolve_plan(cfg, shape=model_shape(model, cfg.model.attn_implementation, device), trainable=trainable,
                         total=total, use_deepspeed=cfg.deepspeed.resolved(cfg.scaling.num_workers) and not local,
-                        device=device, allocator=allocator)
+                        device=device, allocator=f"{a.name} ({a.reason})")
     print(format_plan(plan))
     print(json.dumps(plan, indent=1))
     return plan

@@ -113,6 +113,16 @@ def run_allocator(cfg: Config, *, local_instance: bool) -> WorkerAllocator:
                             inherited_preload=os.environ.get("LD_PRELOAD"), library=bundled_jemalloc())
 
 
+def local_process_env(cfg: Config) -> dict | None:
+    """The environment an in-process run (`train --local`, the bench's in-process legs) starts under so that its
+    one process gets the malloc a local instance's workers get; None when this process should keep its own (the
+    library is already preloaded, the user exported an LD_PRELOAD, or scaling.allocator says so)."""
+    allocator = run_allocator(cfg, local_instance=True)
+    if allocator.preload is None:
+        return None
+    return {**os.environ, "LD_PRELOAD": allocator.preload}
+
+
 def cpus_per_worker(cfg: Config) -> int:
     """scaling.cpus_per_worker, with 'auto' resolved (Ray must be initialised): on a one-node Ray instance
     (a local run, or a cluster that is one machine) its CPUs split across the workers, so a 1-worker run gets

@@ -30,17 +30,20 @@ def _assert_finite_metrics(results: dict, objective: str) -> None:
         assert math.isfinite(value), results
 
 
-@pytest.mark.parametrize("objective", ["simpo", "cpo"])
-def test_cli_local_run(objective, tmp_path):
+@pytest.mark.parametrize("objective, allocator", [("simpo", "auto"), ("cpo", "system")])
+def test_cli_local_run(objective, allocator, tmp_path):
+    """`train --local` from the command line restarts itself on the malloc a local instance's workers get
+    (scaling.allocator: auto -> Ray's jemalloc), as the process's own memory map says; `system` keeps glibc's."""
     out = tmp_path / objective
     cmd = [sys.executable, "-m", "orpo_ray.cli", "train", f"configs/{objective}_demo.yaml", "--local", *TINY,
-           f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+           f"output_dir={out}", f"scaling.allocator={allocator}"]
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     _assert_finite_metrics(results, objective)
     assert results["num_steps"] == 6
+    assert results["plan"]["allocator"] == {"auto": "jemalloc", "system": "system"}[allocator]
 
 
 def test_ray_train_run(_ray_local_session, tmp_path):

@@ -4,6 +4,7 @@ and tests/integration/test_job_submit.py (a cluster: the system's)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,3 +80,37 @@ def test_ensure_ray_puts_the_allocator_in_the_jobs_runtime_env(monkeypatch, over
     (kwargs,) = calls
     env = kwargs["runtime_env"]["env_vars"]
     assert env.get("LD_PRELOAD") == (bundled_jemalloc() if preloaded else None)
+
+
+@pytest.mark.parametrize("overrides, exported, preloaded", [
+    ([], None, True),
+    (["scaling.allocator=system"], None, False),
+    ([], "/usr/lib/libtcmalloc.so", False),  # the user's choice (and a process already restarted) stays
+])
+def test_an_in_process_run_starts_under_the_workers_allocator(monkeypatch, overrides, exported, preloaded):
+    from orpo_ray.launch.session import local_process_env
+
+    if exported:
+        monkeypatch.setenv("LD_PRELOAD", exported)
+    else:
+        monkeypatch.delenv("LD_PRELOAD", raising=False)
+    env = local_process_env(load_config(None, overrides))
+    assert (env is not None) is preloaded
+    if env is not None:
+        assert env["LD_PRELOAD"] == bundled_jemalloc() and env["PATH"] == os.environ["PATH"]
+
+
+@pytest.mark.parametrize("kind, ray, overrides, preloaded", [
+    ("orpo", False, [], True),                                # as `train --local` runs
+    ("orpo", False, ["scaling.allocator=system"], False),
+    ("orpo", True, [], False),                                # the run gives its workers their malloc
+    ("orpo", False, ["scaling.num_workers=2"], False),        # a multi-worker leg runs through Ray too
+    ("trl", False, [], False),                                # TRL as its users run it
+])
+def test_bench_legs_run_on_the_allocator_their_command_would(monkeypatch, kind, ray, overrides, preloaded):
+    from orpo_ray.commands.bench import leg_env
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    spec = {"kind": kind, "ray": ray, "config": load_config(None, []).to_dict(), "overrides": overrides}
+    env = leg_env(spec)
+    assert (env is not None and env.get("LD_PRELOAD") == bundled_jemalloc()) is preloaded

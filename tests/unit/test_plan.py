@@ -1,5 +1,6 @@
 """`orpo-ray plan`: the resolved run and its per-worker memory estimate (DeepSpeed's estimators + activations)."""
 
+import dataclasses
 import os
 
 import pytest
@@ -49,6 +50,10 @@ def test_plan_of_a_model_directory_counts_parameters_without_loading_weights(tmp
     # cpus_per_worker: auto, no cluster address -> a local instance: this machine's cores for the one worker
     assert plan["backend"] == "nccl" and plan["resources_per_worker"] == {"CPU": os.cpu_count(), "GPU": 1}
     assert "[orpo-ray] plan: memory per worker" in capsys.readouterr().out
+    # ... whose workers run on Ray's bundled jemalloc (scaling.allocator: auto); on a cluster, its own malloc
+    assert plan["allocator"].startswith("jemalloc (Ray's bundled libjemalloc.so")
+    assert run_plan(dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, address="10.0.0.1:6379"))
+                    )["allocator"].startswith("system (a cluster")
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gpt_neox", "qwen3_moe"])
