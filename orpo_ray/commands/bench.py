@@ -13,7 +13,9 @@ What is compared, and how it is kept fair:
     the NLL over prompt + chosen response on both sides (``orpo.nll_on_prompt: true`` is TRL's definition);
     SimPO / CPO: over the chosen response (TRL's CPOTrainer masks the prompt, as orpo-ray does for them).
   * Each leg runs in its own subprocess (``python -m orpo_ray.commands.bench --leg SPEC.json --out RESULT.json``), so its
-    peak RSS is its own. Speed is the optimisation loop only, the first (warm-up) step excluded; for TRL from
+    peak RSS is its own. Each runs on the malloc its command would: an in-process orpo-ray leg on the one
+    ``train --local`` restarts itself under (``scaling.allocator``, jemalloc by default), a Ray leg's worker on the
+    one the run gives it, TRL on glibc's, as its users run it. Speed is the optimisation loop only, the first (warm-up) step excluded; for TRL from
     step begin to step end (its data loading is *not* counted, which favours TRL slightly).
 
 Writes ``output_dir/bench.json`` and prints the table, the ratios and the CPU it ran on.
