@@ -63,7 +63,8 @@ def worker_allocator(setting: str, *, local_instance: bool, inherited_preload: s
             raise FileNotFoundError(f"scaling.allocator=jemalloc: Ray's {JEMALLOC_NAME} was not found in its package "
                                     "(ray/core/); set scaling.allocator=system or auto")
         return WorkerAllocator("system", None, f"Ray's {JEMALLOC_NAME} was not found in its package")
-    preload = ":".join(p for p in (library, inherited_preload) if p)
+    # Already preloaded (a restarted `train --local`, a worker's child): the same list, so nothing restarts again.
+    preload = ":".join([library, *(p for p in (inherited_preload or "").split(":") if p and p != library)])
     return WorkerAllocator("jemalloc", preload, f"Ray's bundled {JEMALLOC_NAME}, scaling.allocator={setting}")
 
 

@@ -87,7 +87,8 @@ def ensure_ray(cfg: Config, dashboard: bool | None = None) -> None:
         return
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
     # The job's runtime env reaches every worker it starts (Ray Train's and Ray Data's), before their first malloc.
-    preload = {"LD_PRELOAD": a.preload} if (a := run_allocator(cfg, local_instance=not address)).preload else {}
+    allocator = run_allocator(cfg, local_instance=not address)
+    preload = {"LD_PRELOAD": allocator.preload} if allocator.preload else {}
     if address:
         ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu) | preload},
                  log_to_driver=True)
@@ -118,7 +119,7 @@ def local_process_env(cfg: Config) -> dict | None:
     one process gets the malloc a local instance's workers get; None when this process should keep its own (the
     library is already preloaded, the user exported an LD_PRELOAD, or scaling.allocator says so)."""
     allocator = run_allocator(cfg, local_instance=True)
-    if allocator.preload is None:
+    if allocator.preload is None or allocator.preload == os.environ.get("LD_PRELOAD"):
         return None
     return {**os.environ, "LD_PRELOAD": allocator.preload}
 

@@ -24,6 +24,7 @@ LIB = "/opt/ray/core/libjemalloc.so"
     ("auto", True, None, None, "system", None),
     ("jemalloc", False, None, LIB, "jemalloc", LIB),
     ("jemalloc", True, "/x/libfoo.so", LIB, "jemalloc", f"{LIB}:/x/libfoo.so"),
+    ("jemalloc", True, f"/x/libfoo.so:{LIB}", LIB, "jemalloc", f"{LIB}:/x/libfoo.so"),  # listed once
     ("system", True, None, LIB, "system", None),
 ])
 def test_worker_allocator_resolution(setting, local, inherited, library, name, preload):
@@ -86,18 +87,20 @@ def test_ensure_ray_puts_the_allocator_in_the_jobs_runtime_env(monkeypatch, over
     ([], None, True),
     (["scaling.allocator=system"], None, False),
     ([], "/usr/lib/libtcmalloc.so", False),  # the user's choice (and a process already restarted) stays
+    (["scaling.allocator=jemalloc"], "JEMALLOC", False),  # restarted under it already: no second restart
+    (["scaling.allocator=jemalloc"], "/usr/lib/libtcmalloc.so", True),
 ])
 def test_an_in_process_run_starts_under_the_workers_allocator(monkeypatch, overrides, exported, preloaded):
     from orpo_ray.launch.session import local_process_env
 
     if exported:
-        monkeypatch.setenv("LD_PRELOAD", exported)
+        monkeypatch.setenv("LD_PRELOAD", bundled_jemalloc() if exported == "JEMALLOC" else exported)
     else:
         monkeypatch.delenv("LD_PRELOAD", raising=False)
     env = local_process_env(load_config(None, overrides))
     assert (env is not None) is preloaded
     if env is not None:
-        assert env["LD_PRELOAD"] == bundled_jemalloc() and env["PATH"] == os.environ["PATH"]
+        assert env["LD_PRELOAD"].split(":")[0] == bundled_jemalloc() and env["PATH"] == os.environ["PATH"]
 
 
 @pytest.mark.parametrize("kind, ray, overrides, preloaded", [
