@@ -46,3 +46,21 @@ def tok() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tok_no_bos() -> PreTrainedTokenizerFast:
     return make_tokenizer(bos=False)
+
+
+@pytest.fixture
+def ray_init_calls(monkeypatch) -> list[dict]:
+    """A stand-in for ray (importing it takes seconds) for tests of `session.ensure_ray`: the keyword arguments of
+    every `ray.init` it makes, on a machine with no Ray instance running and no RAY_ADDRESS."""
+    import sys
+    from types import SimpleNamespace
+
+    from orpo_ray.launch import session
+
+    calls: list[dict] = []
+    fake = SimpleNamespace(is_initialized=lambda: False, init=lambda **kwargs: calls.append(kwargs),
+                           util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(session, "quiet_ray_data", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return calls

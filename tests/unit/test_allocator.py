@@ -5,9 +5,7 @@ and tests/integration/test_job_submit.py (a cluster: the system's)."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -63,22 +61,16 @@ def test_an_unknown_allocator_is_rejected():
     ([], "10.0.0.1:6379", False),
     (["scaling.allocator=jemalloc"], "10.0.0.1:6379", True),
 ])
-def test_ensure_ray_puts_the_allocator_in_the_jobs_runtime_env(monkeypatch, overrides, address, preloaded):
+def test_ensure_ray_puts_the_allocator_in_the_jobs_runtime_env(monkeypatch, ray_init_calls, overrides, address,
+                                                                preloaded):
     """The job's runtime env reaches every worker Ray starts for it (Ray Train's and Ray Data's)."""
     from orpo_ray.launch import session
 
-    calls = []  # a stand-in for ray (importing it takes seconds): what ensure_ray asks of it
-    fake = SimpleNamespace(is_initialized=lambda: False, init=lambda **kwargs: calls.append(kwargs),
-                           util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"))
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    monkeypatch.setattr(session, "quiet_ray_data", lambda: None)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     if address:
         monkeypatch.setenv("RAY_ADDRESS", address)
-    else:
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
     session.ensure_ray(load_config(None, overrides))
-    (kwargs,) = calls
+    (kwargs,) = ray_init_calls
     env = kwargs["runtime_env"]["env_vars"]
     assert env.get("LD_PRELOAD") == (bundled_jemalloc() if preloaded else None)
 

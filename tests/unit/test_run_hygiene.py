@@ -237,23 +237,16 @@ def test_eval_downloads_a_uri_checkpoint_a_run_or_a_model_dir(tmp_path, monkeypa
     (["scaling.local_dashboard=true"], None, True),
     ([], True, True),                                     # `orpo-ray tune` asks for it whatever the config says
 ])
-def test_a_local_ray_instance_runs_the_dashboard_only_when_asked(monkeypatch, overrides, dashboard, expected):
+def test_a_local_ray_instance_runs_the_dashboard_only_when_asked(monkeypatch, ray_init_calls, overrides, dashboard,
+                                                                  expected):
     """Without the dashboard the setup hook quiets the placement-group cleaner and the preemption watcher is off
     (tests/integration/test_driver_log.py runs the real thing and reads the console)."""
-    from types import SimpleNamespace
-
     from orpo_ray.config import load_config
     from orpo_ray.launch import session
 
-    calls = []  # a stand-in for ray (importing it takes seconds): what ensure_ray asks of it
-    fake = SimpleNamespace(is_initialized=lambda: False, init=lambda **kwargs: calls.append(kwargs),
-                           util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"))
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    monkeypatch.setattr(session, "quiet_ray_data", lambda: None)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(session.PREEMPTION_WATCHER_ENV, raising=False)
     session.ensure_ray(load_config(None, overrides), dashboard=dashboard)
-    (kwargs,) = calls
+    (kwargs,) = ray_init_calls
     assert kwargs["include_dashboard"] is expected
     hook = kwargs["runtime_env"].get("worker_process_setup_hook")
     assert (hook is None) is expected and (os.environ.get(session.PREEMPTION_WATCHER_ENV) is None) is expected
