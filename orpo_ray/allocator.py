@@ -14,7 +14,6 @@ and the worker reports what it actually got (`active_allocator`)."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +22,8 @@ JEMALLOC_NAME = "libjemalloc.so"
 
 def bundled_jemalloc() -> str | None:
     """Path of the jemalloc that Ray's wheel ships, without importing ray (None when absent)."""
-    try:
-        spec = importlib.util.find_spec("ray")
-        roots = list(spec.submodule_search_locations or []) if spec else []
-    except ValueError:  # a `ray` in sys.modules without a spec (a test's stand-in): look where it would be
-        roots = [Path(p) / "ray" for p in sys.path]
-    for root in roots:
+    spec = importlib.util.find_spec("ray")
+    for root in (spec.submodule_search_locations or []) if spec else []:
         path = Path(root) / "core" / JEMALLOC_NAME
         if path.is_file():
             return str(path)

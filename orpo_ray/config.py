@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -284,7 +285,7 @@ class ScalingSection:
         "into the workers through the job's runtime env; glibc's heap fragments under a step's changing tensor sizes "
         "(8k bench leg: 819 MB peak RSS under jemalloc, 945 under glibc, same speed). 'system': the process's own "
         "malloc. 'auto': jemalloc on the local instance a run starts, the system's on a cluster (the library's path "
-        "is this machine's) or when LD_PRELOAD is exported. An in-process run (--local) keeps its own malloc.")
+        "is this machine's) or when LD_PRELOAD is exported. `train --local` restarts itself under the same preload.")
     max_failures: int = _f(1, "Worker-group restarts Ray Train may do (resuming from the last checkpoint).")
     memory_per_worker_gb: Optional[float] = _f(
         None, "Memory one worker may use, for `orpo-ray plan`'s warning: null means the GPU's memory (use_gpu, when a "
@@ -292,6 +293,11 @@ class ScalingSection:
     storage_path: Optional[str] = _f(
         None, "Shared storage for Ray Train checkpoints: a local/mounted directory (made absolute) or a URI Ray Train "
         "supports (s3://, gs://, file://, any pyarrow filesystem; passed as is); null means output_dir/ray.")
+
+    def cluster_address(self) -> str | None:
+        """The cluster a run joins: `address`, else the RAY_ADDRESS `ray job submit` sets; None means the run
+        starts its own local instance - the one rule the launcher, the plan and the allocator share."""
+        return self.address or os.environ.get("RAY_ADDRESS")
 
     def resolved_cpus(self, one_node_cpus: int | None) -> int:
         """cpus_per_worker with 'auto' resolved - the one rule the launcher, the plan and validation share:

@@ -172,7 +172,7 @@ def planned_cpus_per_worker(cfg: Config) -> int | str:
     that starts its own local instance splits this machine's cores across the workers (launch.session does the
     same with the started instance's CPUs); on a cluster it depends on the node count, said in words."""
     s = cfg.scaling
-    if s.cpus_per_worker == "auto" and (s.address or os.environ.get("RAY_ADDRESS")):
+    if s.cpus_per_worker == "auto" and s.cluster_address():
         return "auto (a one-node cluster's CPUs split across the workers; 1 on a multi-node cluster)"
     return s.resolved_cpus(os.cpu_count() or 1)
 

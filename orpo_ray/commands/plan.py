@@ -4,7 +4,6 @@ device (no weights loaded, nothing allocated), so a 7B config can be planned on 
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
@@ -33,7 +32,7 @@ def run_plan(cfg: Config, *, local: bool = False) -> dict:
     trainable, total = parameter_counts(model)
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
     # train --local restarts itself on the malloc a local instance's workers get (cli.py).
-    a = run_allocator(cfg, local_instance=local or not (cfg.scaling.address or os.environ.get("RAY_ADDRESS")))
+    a = run_allocator(cfg, local_instance=local or not cfg.scaling.cluster_address())
     plan = resolve_plan(cfg, shape=model_shape(model, cfg.model.attn_implementation, device), trainable=trainable,
                         total=total, use_deepspeed=cfg.deepspeed.resolved(cfg.scaling.num_workers) and not local,
                         device=device, allocator=f"{a.name} ({a.reason})")

@@ -85,7 +85,7 @@ def ensure_ray(cfg: Config, dashboard: bool | None = None) -> None:
     quiet_ray_data()
     if ray.is_initialized():
         return
-    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.scaling.cluster_address()
     # The job's runtime env reaches every worker it starts (Ray Train's and Ray Data's), before their first malloc.
     allocator = run_allocator(cfg, local_instance=not address)
     preload = {"LD_PRELOAD": allocator.preload} if allocator.preload else {}

@@ -52,6 +52,7 @@ def tok_no_bos() -> PreTrainedTokenizerFast:
 def ray_init_calls(monkeypatch) -> list[dict]:
     """A stand-in for ray (importing it takes seconds) for tests of `session.ensure_ray`: the keyword arguments of
     every `ray.init` it makes, on a machine with no Ray instance running and no RAY_ADDRESS."""
+    import importlib.util
     import sys
     from types import SimpleNamespace
 
@@ -59,7 +60,8 @@ def ray_init_calls(monkeypatch) -> list[dict]:
 
     calls: list[dict] = []
     fake = SimpleNamespace(is_initialized=lambda: False, init=lambda **kwargs: calls.append(kwargs),
-                           util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"))
+                           util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"),
+                           __spec__=importlib.util.find_spec("ray"))  # where ray is installed (not imported)
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.setattr(session, "quiet_ray_data", lambda: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
