@@ -142,9 +142,9 @@ class _Fp32FlashAttention(torch.autograd.Function):
 
 def _fp32_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                kwargs: dict) -> Tensor:
-    """``mask``: additive fp32 (`Segments.fp32_mask`), or None for causal."""
     """transformers' sdpa attention for one segment ([1, heads, s, d] -> [1, s, heads, d]) through
-    `_Fp32FlashAttention`: its GQA (key/value heads repeated), its scaling, causal where there is no mask."""
+    `_Fp32FlashAttention`: its GQA (key/value heads repeated), its scaling, causal where there is no mask.
+    ``mask``: additive fp32 (`Segments.fp32_mask`), or None for a causal segment."""
     dtype = torch.get_autocast_dtype("cpu")
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
