@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from orpo_ray.forward.logprobs import TokenStats, target_logps
+from orpo_ray.forward.matmul_shapes import round_up, row_multiple
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,35 @@ class _ChunkBuffers:
     """
 
     def __init__(self, m: int, chunk: int, w: Tensor, acc: torch.dtype):
-        rows = min(m, chunk)
+        self.multiple = row_multiple(w.device, w.dtype)
+        rows = round_up(min(m, chunk), self.multiple)
         self.logits = torch.empty(rows, w.shape[0], dtype=acc, device=w.device)
         self.low = None if w.dtype == acc else torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device)
+        # The chunk's matmul inputs padded with zero rows (`staged`), where matmul shapes cost a kernel build: only
+        # under a narrower matmul dtype than the accumulator's, so the logit gradient always passes through ``low``.
+        self.inputs = None
+        if self.multiple > 1:
+            assert self.low is not None, "padded lm-head rows need the narrow-dtype buffer"
+            self.inputs = torch.empty(rows, w.shape[1], dtype=w.dtype, device=w.device)
         self._weight_product: tuple[Tensor, Tensor] | None = None
+
+    def staged(self, h: Tensor) -> Tensor:
+        """The chunk's hidden states [n, H] as the matmuls take them: followed by zero rows up to a multiple of
+        `multiple` (`matmul_shapes`: the products then repeat their shapes from chunk to chunk), else ``h``."""
+        if self.inputs is None:
+            return h
+        n = h.shape[0]
+        self.inputs[:n].copy_(h)
+        self.inputs[n:round_up(n, self.multiple)].zero_()
+        return self.inputs[:round_up(n, self.multiple)]
+
+    def low_grad(self, grad: Tensor) -> Tensor:
+        """A chunk's logit gradient [n, V] cast down into ``low``, with the pad rows `staged` adds. Those rows
+        still hold this chunk's product of the staged zero rows (the bias, or zeros: finite), and meet only those
+        zero rows in the weight's product and rows dropped from the hidden states' gradient: not zeroed again."""
+        n = grad.shape[0]
+        self.low[:n].copy_(grad)
+        return self.low[:round_up(n, self.multiple)]
 
     def weight_product(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """([V, H] in w's dtype, [V, H] in the accumulation dtype) for `_InputGrads.add`, which calls this only after the chunk's
@@ -116,14 +142,15 @@ def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, post: tuple[float, flo
 
     The product is what ``linear(h, w, b)`` computes (addmm / mm, in the matmul's dtype), then widened."""
     rows = h.shape[0]
+    h = buffers.staged(h)
     logits = buffers.logits[:rows]
-    product = logits if buffers.low is None else buffers.low[:rows]
+    product = logits if buffers.low is None else buffers.low[:h.shape[0]]
     if b is None:
         torch.mm(h, w.t(), out=product)
     else:
         torch.addmm(b, h, w.t(), out=product)
     if product is not logits:
-        logits.copy_(product)
+        logits.copy_(product[:rows])
     return _apply_post_(logits, *post)
 
 
@@ -169,10 +196,11 @@ class _InputGrads:
         buffers: the call's `_ChunkBuffers` (``low`` is free again once the logits were widened)."""
         if self.bias is not None:
             self.bias += grad.sum(0)
+        n = grad.shape[0]
         if buffers.low is not None:  # the matmuls run in w's dtype: cast down into the reused buffer
-            grad = buffers.low[: grad.shape[0]].copy_(grad)
+            grad, h = buffers.low_grad(grad), buffers.staged(h)  # zero rows beyond n add nothing to either product
         if self.hidden is not None:
-            self.hidden[rows] = (grad @ w).to(self.hidden.dtype)
+            self.hidden[rows] = (grad @ w)[:n].to(self.hidden.dtype)
         if self.weight is not None:
             if grad.dtype == self.weight.dtype:  # accumulate in place: no [V, H] temporary per chunk
                 self.weight.addmm_(grad.T, h)

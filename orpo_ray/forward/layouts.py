@@ -19,12 +19,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
+import torch
+
 from orpo_ray.config import Config
 from orpo_ray.forward.chunked_lm_head import chunked_padded_token_stats, padded_lm_head_targets
 from orpo_ray.forward.collate import collate_pairs
 from orpo_ray.forward.liger_lm_head import liger_target_logps
 from orpo_ray.forward.fused_loss import fused_policy_loss
 from orpo_ray.forward.logprobs import TokenStatsFn, full_logits_token_stats, policy_forward
+from orpo_ray.forward.matmul_shapes import row_multiple
 from orpo_ray.forward.packing import collate_packed, packed_lm_head_targets, packed_token_stats
 
 
@@ -32,8 +35,17 @@ def uses_packed_layout(cfg: Config) -> bool:
     return cfg.efficiency.prefix_sharing or cfg.efficiency.packing
 
 
-def make_collate(cfg: Config, pad_token_id: int) -> Callable[[object], dict]:
-    """rows -> batch for ``policy_forward`` (the packed variants also carry the padded masks)."""
+def matmul_rows(model: torch.nn.Module, precision: str, device: torch.device | str) -> int:
+    """The multiple a packed row's length is rounded up to for ``model`` run at ``precision`` on ``device``, so its
+    matmuls repeat their shapes where a new shape costs a kernel build (`matmul_shapes`); 1 elsewhere."""
+    dtype = torch.bfloat16 if precision == "bf16" else next(model.parameters()).dtype  # as autocast_context runs it
+    return row_multiple(device, dtype)
+
+
+def make_collate(cfg: Config, pad_token_id: int, matmul_rows: int = 1) -> Callable[[object], dict]:
+    """rows -> batch for ``policy_forward`` (the packed variants also carry the padded masks).
+
+    matmul_rows: packed rows are padded to a multiple of this (`matmul_rows`); the padded layout is not."""
     e = cfg.efficiency
     if not uses_packed_layout(cfg):
         return partial(collate_pairs, pad_token_id=pad_token_id)
@@ -42,7 +54,7 @@ def make_collate(cfg: Config, pad_token_id: int) -> Callable[[object], dict]:
     # than its segments would spend L^2 work on masked-out blocks).
     pack_length = (e.pack_length or ("all" if e.segment_attention else "longest")) if e.packing else None
     return partial(collate_packed, pad_token_id=pad_token_id, prefix_sharing=e.prefix_sharing,
-                   pack_length=pack_length)
+                   pack_length=pack_length, pad_to_multiple_of=matmul_rows)
 
 
 def make_token_stats(cfg: Config, nll_on_prompt: bool) -> TokenStatsFn:

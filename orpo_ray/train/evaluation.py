@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from orpo_ray.config import Config
-from orpo_ray.forward.layouts import make_collate, make_token_stats
+from orpo_ray.forward.layouts import make_collate, make_token_stats, matmul_rows
 from orpo_ray.forward.logprobs import nll_target_mask, policy_forward
 from orpo_ray.objectives import NLL_METRIC, Objective, build_objective
 from orpo_ray.precision import autocast_context
@@ -31,7 +31,8 @@ def evaluate(model, runtime: WorkerRuntime, cfg: Config, precision: str, pad_id:
     if cfg.train.eval_max_batches is not None:
         batches = itertools.islice(batches, cfg.train.eval_max_batches)
     nll_on_prompt = objective.nll_on_prompt
-    collate, token_stats = make_collate(cfg, pad_id), make_token_stats(cfg, nll_on_prompt)
+    collate = make_collate(cfg, pad_id, matmul_rows(model, precision, runtime.device))
+    token_stats = make_token_stats(cfg, nll_on_prompt)
     for rows in batches:
         batch = to_device(collate(rows), runtime.device)
         with autocast_context(precision, runtime.device):

@@ -22,7 +22,7 @@ from orpo_ray.config import Config, split_loop_config
 from orpo_ray.console import progress_interval
 from orpo_ray.data.tokenize import use_chat_template
 from orpo_ray.forward.fast_path import resolve_fast_path
-from orpo_ray.forward.layouts import make_collate, make_policy_loss
+from orpo_ray.forward.layouts import make_collate, make_policy_loss, matmul_rows
 from orpo_ray.forward.logprobs import nll_target_mask
 from orpo_ray.modeling import (
     export_merged,
@@ -131,7 +131,8 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     timed_steps, timed_seconds = 0, 0.0  # optimisation loop only: first step (warm-up) and eval excluded
     timed_tokens = step_tokens = 0      # non-pad tokens (prompt counted in both sequences of a pair, as TRL feeds them)
     nll_on_prompt = objective.nll_on_prompt
-    collate, policy_loss = make_collate(cfg, pad_id), make_policy_loss(cfg, objective)
+    collate = make_collate(cfg, pad_id, matmul_rows(engine.model, precision, runtime.device))
+    policy_loss = make_policy_loss(cfg, objective)
     wall_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=objective.name, disable=not (is_main and t.progress_bar),
                file=sys.stdout, dynamic_ncols=True, mininterval=progress_interval(sys.stdout))

@@ -30,13 +30,14 @@ def _rows(seed=0, pairs=3):
              "rejected_ids": draw(1, 7) + [TOK.eos_token_id]} for _ in range(pairs)]
 
 
-def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precision="fp32", objective=None):
+def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precision="fp32", objective=None,
+                    matmul_rows=1):
     """One training micro-batch's loss, metrics and gradients as the loop takes them (an NLL weight of 0.6, as a
-    micro-batch with fewer NLL tokens than its step's average gets)."""
+    micro-batch with fewer NLL tokens than its step's average gets); packed rows padded to ``matmul_rows``."""
     cfg = dataclasses.replace(Config(), efficiency=eff, orpo=OrpoSection(beta=0.3, nll_on_prompt=nll_on_prompt))
     cfg.data.max_length = 32
     model.zero_grad()
-    batch = make_collate(cfg, TOK.pad_token_id)(rows)
+    batch = make_collate(cfg, TOK.pad_token_id, matmul_rows)(rows)
     with autocast_context(precision):
         loss, metrics = make_policy_loss(cfg, objective or build_objective(cfg))(model, batch, 0.6)
     torch.testing.assert_close(loss.detach().float(), metrics["loss"], rtol=1e-5, atol=1e-6)
@@ -70,6 +71,20 @@ def test_switch_matches_plain_path_fp32(name, nll_on_prompt):
     m, g = _loss_and_grads(model, SWITCHES[name], rows, nll_on_prompt)
     for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
         torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert_gradients_equal(g, ref_g)
+
+
+@pytest.mark.parametrize("name", ["the defaults (all on, one row)", "prefix+packing-to-longest", "packing+segments",
+                                  "the defaults, loss not fused"])
+def test_packed_rows_padded_for_matmul_shapes_give_the_same_loss_and_gradients(name):
+    """Under CPU bf16 the loop pads packed rows to a multiple of 256 tokens (`matmul_shapes`): the pad positions
+    are outside every segment, so no real token attends to them and no loss term reads them (fp32 here, where
+    the padding is not applied by default, to compare at 1e-5)."""
+    model, rows = build_tiny_model(MODEL_CFG, TOK), _rows(seed=4, pairs=4)
+    ref_m, ref_g = _loss_and_grads(model, SWITCHES[name], rows, True)
+    m, g = _loss_and_grads(model, SWITCHES[name], rows, True, matmul_rows=48)
+    for k in ref_m:
+        torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-6, msg=k)
     assert_gradients_equal(g, ref_g)
 
 
@@ -153,10 +168,11 @@ def test_chunked_lm_head_allocates_its_chunk_sized_tensors_once_per_call_not_per
     assert four == one
 
 
-@pytest.mark.parametrize("hidden_size", [16, 96], ids=["weight-product-in-logits-buffer", "own-buffers"])
+@pytest.mark.parametrize("hidden_size", [16, 512], ids=["weight-product-in-logits-buffer", "own-buffers"])
 def test_bf16_chunked_lm_head_matches_autocast_linear_whichever_buffers_hold_the_weight_product(hidden_size):
     """The weight gradient's per-chunk product lives in the dead logits buffer when it fits (H <= 2/3 of the
-    chunk's rows), else in buffers of its own: both give autograd's bf16 results through nn.functional.linear."""
+    chunk's rows, 256 here: `matmul_shapes` pads them), else in buffers of its own: both give autograd's bf16
+    results through nn.functional.linear."""
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(80, hidden_size, generator=g, requires_grad=True)
     weight = (torch.randn(300, hidden_size, generator=g) * 0.2).requires_grad_()
