@@ -85,7 +85,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         logps, lses, sums = (torch.empty(m, dtype=acc, device=hidden.device) for _ in range(3))
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grads = _InputGrads(hidden, weight, bias, acc, ctx.needs_input_grad[:3])
-        buffers = _ChunkBuffers(m, chunk, w, acc)
+        buffers = _ChunkBuffers.for_call(m, chunk, w, acc)
         with torch.autocast(hidden.device.type, enabled=False):
             for start, end in groups:
                 chunks = [slice(i, min(i + chunk, end)) for i in range(start, end, chunk)]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from orpo_ray.config import Config, split_loop_config
 from orpo_ray.console import progress_interval
 from orpo_ray.data.tokenize import use_chat_template
+from orpo_ray.forward.chunked_lm_head import release_chunk_buffers
 from orpo_ray.forward.fast_path import resolve_fast_path
 from orpo_ray.forward.layouts import make_collate, make_policy_loss, matmul_rows
 from orpo_ray.forward.logprobs import nll_target_mask
@@ -198,6 +199,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     if start_step >= total_steps and not eval_skipped:  # resumed from the final checkpoint: its evaluation (or the export) failed
         eval_metrics = _evaluate_and_report(engine, runtime, cfg, precision, pad_id, total_steps, train_metrics,
                                             history, tracker)
+    release_chunk_buffers()  # the lm-head's buffers kept from step to step: not needed for the export
 
     # ---- results and export (rank 0) ------------------------------------------------------------
     all_tokens = float(runtime.all_reduce_sum(torch.tensor([float(timed_tokens)]))[0])

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from orpo_ray.forward.chunked_lm_head import LmHead, chunked_target_logps
+from orpo_ray.forward.chunked_lm_head import LmHead, chunked_target_logps, release_chunk_buffers
 from orpo_ray.config import Config, EfficiencySection, ModelSection, OrpoSection, TinyModelSection
 from orpo_ray.forward.layouts import make_collate, make_policy_loss
 from orpo_ray.objectives import build_objective
@@ -141,10 +141,14 @@ def test_chunked_lm_head_with_bias_scaling_and_softcap_gradcheck_fp64():
                                     (hidden, weight, bias))
 
 
-def _chunk_sized_allocations(chunks: int, bf16: bool, bias: bool, chunk: int = 64, vocab: int = 4096) -> int:
-    """Allocations of at least one bf16 chunk of logits during a chunked lm-head forward and backward."""
+def _chunk_sized_allocations(chunks: int, bf16: bool, bias: bool, chunk: int = 64, vocab: int = 4096,
+                             release: bool = True) -> int:
+    """Allocations of at least one bf16 chunk of logits during a chunked lm-head forward and backward (after
+    `release_chunk_buffers` unless ``release`` is False)."""
     from torch.profiler import ProfilerActivity, profile
 
+    if release:
+        release_chunk_buffers()
     g = torch.Generator().manual_seed(0)
     # H=32: a [V, H] tensor is at most one bf16 chunk (the fp32 weight gradient, counted once per call).
     hidden = torch.randn(chunks * chunk, 32, generator=g, requires_grad=True)
@@ -166,6 +170,33 @@ def test_chunked_lm_head_allocates_its_chunk_sized_tensors_once_per_call_not_per
     one, four = _chunk_sized_allocations(1, bf16, bias), _chunk_sized_allocations(4, bf16, bias)
     assert one > 0
     assert four == one
+
+
+def test_cpu_lm_head_calls_keep_their_chunk_buffers_until_released():
+    """jemalloc returns the pages of a freed tensor of 8 MB or more to the OS at once, so the lm-head keeps its
+    chunk buffers from one call to the next on a CPU (`_ChunkBuffers.for_call`) instead of page-faulting them in
+    again every step; the results do not depend on what the buffers held before."""
+    first = _chunk_sized_allocations(2, bf16=True, bias=False)
+    assert first > 0
+    again = _chunk_sized_allocations(2, bf16=True, bias=False, release=False)
+    assert again < first  # the logits buffer and its bf16 twin came from the previous call
+    assert _chunk_sized_allocations(2, bf16=True, bias=False) == first  # released: allocated afresh
+    assert _chunk_sized_allocations(2, bf16=True, bias=False, vocab=4160, release=False) == first  # another head
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(50, 16, generator=g, requires_grad=True)
+    weight = torch.randn(300, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (50,), generator=g)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _ = chunked_target_logps(hidden, weight, targets, 20)
+        return (logps, *torch.autograd.grad(logps.sum(), (hidden, weight)))
+
+    release_chunk_buffers()
+    fresh = run()
+    for kept, ref in zip(run(), fresh):
+        torch.testing.assert_close(kept, ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("hidden_size", [16, 512], ids=["weight-product-in-logits-buffer", "own-buffers"])

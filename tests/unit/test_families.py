@@ -37,28 +37,30 @@ def _cfg(eff=None):
     return dataclasses.replace(cfg, efficiency=eff or EfficiencySection(lm_head_chunk_size=5))
 
 
-def _loss_and_grads(model, cfg, rows):
+def _loss_and_grads(model, cfg, rows, matmul_rows=1):
     model.zero_grad()
-    batch = make_collate(cfg, PAD)(rows)
+    batch = make_collate(cfg, PAD, matmul_rows)(rows)
     loss, metrics = make_policy_loss(cfg, build_objective(cfg))(model, batch)
     loss.backward()
     return metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_same(model, cfg, rows, fast=None):
-    """cfg's path (after `fast.fuse`, when given) against the plain path on the model as loaded."""
+def _assert_same(model, cfg, rows, fast=None, matmul_rows=1):
+    """cfg's path (after `fast.fuse`, when given; packed rows padded to ``matmul_rows``, as under CPU bf16)
+    against the plain path on the model as loaded."""
     ref_m, ref_g = _loss_and_grads(model, _cfg(PLAIN), rows)
     if fast is not None:
         fast.fuse(model)
-    m, g = _loss_and_grads(model, cfg, rows)
+    m, g = _loss_and_grads(model, cfg, rows, matmul_rows)
     for k in ("loss", "nll_loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
         torch.testing.assert_close(m[k], ref_m[k], rtol=1e-5, atol=1e-6, msg=k)
     assert g.keys() == ref_g.keys()
     assert_gradients_equal(g, ref_g)
 
 
+@pytest.mark.parametrize("matmul_rows", [1, 24], ids=["rows-as-packed", "rows-padded"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_default_path_equals_plain_path_on_every_family(family):
+def test_default_path_equals_plain_path_on_every_family(family, matmul_rows):
     model = build_model(family)
     fast = resolve_fast_path(model, _cfg())
     # Every family here has a head and attention the fast path reproduces (bias, scaling, soft-cap, tied).
@@ -66,7 +68,7 @@ def test_default_path_equals_plain_path_on_every_family(family):
     if family in NO_FUSED_NORM:
         assert record.pop("fused_layers").startswith("fallback: no RMSNorm module")
     assert record == dict.fromkeys(record, "on") and len(record) >= len(SWITCHES) - 1
-    _assert_same(model, fast.apply(_cfg()), _rows(with_bos=family not in ("qwen2", "qwen3")), fast)
+    _assert_same(model, fast.apply(_cfg()), _rows(with_bos=family not in ("qwen2", "qwen3")), fast, matmul_rows)
     assert _fused_classes(model) == ({type(m).__name__ for m in model.modules()
                                       if type(m).__name__.endswith("RMSNorm")} if family not in NO_FUSED_NORM else set())
 
