@@ -27,7 +27,7 @@ from torch import Tensor
 from orpo_ray.forward.chunked_lm_head import LmHeadTargets, causal_lm_parts, stats_from_targets
 from orpo_ray.forward.collate import collate_pairs, pair_rows
 from orpo_ray.forward.logprobs import TokenStats
-from orpo_ray.forward.matmul_shapes import round_up
+from orpo_ray.forward.matmul_shapes import padded_rows
 from orpo_ray.forward.segment_attention import additive_mask, segment_attention
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment", "packed_branch",
@@ -73,8 +73,9 @@ def collate_packed(batch, pad_token_id: int, prefix_sharing: bool = True,
     pack_length: tokens per row when packing; ``"longest"`` uses the longest segment of this batch; ``"all"``
         puts every segment into one row without padding (for `segment_attention`, where row length costs
         nothing); ``None`` puts one pair (or one sequence) per row.
-    pad_to_multiple_of: rows as long as the next multiple of this, unless ``pack_length`` is a number of tokens
-        (the pad positions are outside every segment), so the model's matmuls see few shapes (`matmul_shapes`).
+    pad_to_multiple_of: rows padded to a multiple of this (a smaller one for short rows: `matmul_shapes.padded_rows`),
+        unless ``pack_length`` is a number of tokens; the pad positions are outside every segment. So the model's
+        matmuls see few shapes (`matmul_shapes`).
     """
     rows = pair_rows(batch)
     padded = collate_pairs(batch, pad_token_id)
@@ -86,7 +87,7 @@ def collate_packed(batch, pad_token_id: int, prefix_sharing: bool = True,
     layout = _assign_rows([len(s[1]) for s in segs], pack_length)
     width = pack_length or longest
     if pad_to_multiple_of and not fixed_length:
-        width = round_up(width, pad_to_multiple_of)
+        width = padded_rows(width, pad_to_multiple_of)
     r = len(layout)
     ids = torch.full((r, width), pad_token_id, dtype=torch.long)
     pos = torch.zeros((r, width), dtype=torch.long)

@@ -38,6 +38,8 @@ def _loss_and_grads(model, eff: EfficiencySection, rows, nll_on_prompt, precisio
     cfg.data.max_length = 32
     model.zero_grad()
     batch = make_collate(cfg, TOK.pad_token_id, matmul_rows)(rows)
+    if matmul_rows > 1:  # the padded variant must have pad positions to be a test of them
+        assert batch["packed_input_ids"].shape[1] > make_collate(cfg, TOK.pad_token_id)(rows)["packed_input_ids"].shape[1]
     with autocast_context(precision):
         loss, metrics = make_policy_loss(cfg, objective or build_objective(cfg))(model, batch, 0.6)
     torch.testing.assert_close(loss.detach().float(), metrics["loss"], rtol=1e-5, atol=1e-6)

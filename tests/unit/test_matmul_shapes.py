@@ -9,7 +9,7 @@ from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 from orpo_ray.config import ModelSection, TinyModelSection
 from orpo_ray.forward.chunked_lm_head import chunked_target_logps
 from orpo_ray.forward.layouts import matmul_rows
-from orpo_ray.forward.matmul_shapes import ROW_MULTIPLE, round_up, row_multiple
+from orpo_ray.forward.matmul_shapes import ROW_MULTIPLE, padded_rows, round_up, row_multiple
 from orpo_ray.forward.packing import collate_packed
 from orpo_ray.modeling import build_tiny_model
 
@@ -23,6 +23,15 @@ def test_rows_are_padded_only_for_cpu_matmuls_in_bf16_or_fp16():
     assert [round_up(n, 256) for n in (1, 255, 256, 257)] == [256, 256, 256, 512]
 
 
+def test_padded_rows_add_at_most_an_eighth_and_use_the_full_multiple_from_eight_multiples_up():
+    assert [padded_rows(n, 256) for n in (2048, 2049, 2267, 4000)] == [2048, 2304, 2304, 4096]
+    assert [padded_rows(n, 256) for n in (1158, 1487, 1544, 150, 7, 1)] == [1280, 1536, 1664, 160, 7, 1]
+    assert padded_rows(1158, 1) == 1158 and padded_rows(0, 256) == 0
+    for n in range(1, 5000):
+        p = padded_rows(n, 256)
+        assert n <= p <= n + max(n // 8, 1) and (p % 256 == 0 or n < 2048)
+
+
 def test_the_loop_pads_for_the_dtype_its_matmuls_run_in():
     model = build_tiny_model(ModelSection(tiny=TinyModelSection(hidden_size=16, num_hidden_layers=1,
                                                                 num_attention_heads=2, intermediate_size=32)), TOK)
@@ -31,9 +40,10 @@ def test_the_loop_pads_for_the_dtype_its_matmuls_run_in():
     assert matmul_rows(model.to(torch.bfloat16), "fp32", "cpu") == 256  # a model loaded in bf16 runs bf16 matmuls
 
 
+# Row lengths chosen so that every layout below gets pad positions (a segment of 21 tokens: rows of 22, ...).
 ROWS = [{"prompt_ids": [1, 5, 9, 4], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 2]},
-        {"prompt_ids": [1, 3], "chosen_ids": [10, 11, 12, 2], "rejected_ids": [13, 2]},
-        {"prompt_ids": [1, 4, 4, 4, 4, 4], "chosen_ids": [2], "rejected_ids": [14, 15, 2]}]
+        {"prompt_ids": [1, 3], "chosen_ids": [10, 11, 12, 17, 2], "rejected_ids": [13, 2]},
+        {"prompt_ids": [1] + [4] * 15, "chosen_ids": [14, 15, 2], "rejected_ids": [16, 2]}]
 
 
 @pytest.mark.parametrize("prefix_sharing", [True, False])
@@ -42,7 +52,7 @@ def test_packed_rows_padded_to_a_multiple_keep_every_token_and_target(pack_lengt
     plain = collate_packed(ROWS, 0, prefix_sharing, pack_length)
     padded = collate_packed(ROWS, 0, prefix_sharing, pack_length, pad_to_multiple_of=16)
     width, wide = plain["packed_input_ids"].shape[1], padded["packed_input_ids"].shape[1]
-    assert wide % 16 == 0 and width <= wide < width + 16 and wide > width  # these rows are no multiple of 16
+    assert wide == padded_rows(width, 16) > width  # these rows are no multiple of their step
     for key in ("packed_input_ids", "packed_position_ids", "packed_segment", "packed_branch"):
         torch.testing.assert_close(padded[key][:, :width], plain[key], msg=key)
     assert (padded["packed_segment"][:, width:] == -1).all()  # outside every segment
@@ -57,8 +67,8 @@ def test_packed_rows_padded_to_a_multiple_keep_every_token_and_target(pack_lengt
 
 
 def test_a_fixed_pack_length_is_kept():
-    batch = collate_packed(ROWS, 0, True, 20, pad_to_multiple_of=16)
-    assert batch["packed_input_ids"].shape[1] == 20
+    batch = collate_packed(ROWS, 0, True, 45, pad_to_multiple_of=16)
+    assert batch["packed_input_ids"].shape[1] == 45
 
 
 class _MatmulShapes(TorchDispatchMode):
