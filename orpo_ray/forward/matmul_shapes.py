@@ -4,8 +4,8 @@ Why. On a CPU, PyTorch runs bf16 (and fp16) matmuls through oneDNN, which builds
 new (M, K, N) and caches it by shape. A packed batch has a different token count every step, and so has every
 lm-head chunk, so nearly every matmul of a step is a new shape: on the 8k bench (tiny Llama, Intel Xeon with AMX, 2
 threads, 13 steps) oneDNN built 188 kernels in 1.72 s while the matmuls themselves ran 1.53 s (`ONEDNN_VERBOSE=all`);
-a [2401, 256] x [256, 688] bf16 product ran in 1.6 ms and took 5.5 ms to build. fp32 on a CPU (not oneDNN
-GEMM) and CUDA (cuBLAS) build nothing per shape, so there nothing is padded.
+a [2401, 256] x [256, 688] bf16 product ran in 1.6 ms and took 5.5 ms to build. fp32 matmuls on a CPU
+(`ONEDNN_VERBOSE` lists none: they do not go through oneDNN) and CUDA's build nothing per shape: not padded there.
 
 So under CPU bf16 the packed rows are padded (`packing.collate_packed`; the pad positions are outside every segment:
 attention gives them zeros and no loss reads them) to `padded_rows`: a multiple of `ROW_MULTIPLE` tokens, or of an
