@@ -130,10 +130,10 @@ class _ChunkBuffers:
         `multiple` (`matmul_shapes`: the products then repeat their shapes from chunk to chunk), else ``h``."""
         if self.inputs is None:
             return h
-        n = h.shape[0]
+        n, padded = h.shape[0], round_up(h.shape[0], self.multiple)
         self.inputs[:n].copy_(h)
-        self.inputs[n:round_up(n, self.multiple)].zero_()
-        return self.inputs[:round_up(n, self.multiple)]
+        self.inputs[n:padded].zero_()
+        return self.inputs[:padded]
 
     def low_grad(self, grad: Tensor) -> Tensor:
         """A chunk's logit gradient [n, V] cast down into ``low``, with the pad rows `staged` adds. Those rows

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from orpo_ray.forward.matmul_shapes import round_up
+
 
 def pair_rows(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> list[tuple[list, list, list]]:
     """Accept a list of row dicts, or Ray Data's dict of columns (numpy object arrays of int arrays, or a 2-D
@@ -46,7 +48,7 @@ def collate_pairs(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], p
             response_lengths.append(len(row[responses]))
     longest = max(map(len, sequences))
     if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        longest = round_up(longest, pad_to_multiple_of)
     n = len(sequences)
     input_ids = torch.full((n, longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((n, longest), dtype=torch.long)

@@ -42,10 +42,10 @@ def matmul_rows(model: torch.nn.Module, precision: str, device: torch.device | s
     return row_multiple(device, dtype)
 
 
-def make_collate(cfg: Config, pad_token_id: int, matmul_rows: int = 1) -> Callable[[object], dict]:
+def make_collate(cfg: Config, pad_token_id: int, pad_to_multiple_of: int = 1) -> Callable[[object], dict]:
     """rows -> batch for ``policy_forward`` (the packed variants also carry the padded masks).
 
-    matmul_rows: packed rows are padded to a multiple of this (`matmul_rows`); the padded layout is not."""
+    pad_to_multiple_of: packed rows are padded to it (`matmul_rows` gives it); the padded layout is not."""
     e = cfg.efficiency
     if not uses_packed_layout(cfg):
         return partial(collate_pairs, pad_token_id=pad_token_id)
@@ -54,7 +54,7 @@ def make_collate(cfg: Config, pad_token_id: int, matmul_rows: int = 1) -> Callab
     # than its segments would spend L^2 work on masked-out blocks).
     pack_length = (e.pack_length or ("all" if e.segment_attention else "longest")) if e.packing else None
     return partial(collate_packed, pad_token_id=pad_token_id, prefix_sharing=e.prefix_sharing,
-                   pack_length=pack_length, pad_to_multiple_of=matmul_rows)
+                   pack_length=pack_length, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def make_token_stats(cfg: Config, nll_on_prompt: bool) -> TokenStatsFn:

@@ -27,7 +27,7 @@ import torch
 
 ROW_MULTIPLE = 256
 BUCKETS_PER_OCTAVE = 8  # `padded_rows` below 8 x ROW_MULTIPLE: at most 1/8 more rows
-_KERNEL_PER_SHAPE = (torch.bfloat16, torch.float16)  # what oneDNN runs on a CPU (fp32 goes to MKL's GEMM)
+_KERNEL_PER_SHAPE = (torch.bfloat16, torch.float16)  # what oneDNN runs on a CPU (fp32 does not go through it)
 
 
 def row_multiple(device: torch.device | str, dtype: torch.dtype) -> int:
