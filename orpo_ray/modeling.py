@@ -20,6 +20,11 @@ import sys
 from pathlib import Path
 
 import torch
+
+from orpo_ray.lean_imports import import_model_code
+
+import_model_code()  # before transformers' model code loads: 110 MB less in every training process
+
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
