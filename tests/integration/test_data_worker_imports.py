@@ -77,22 +77,20 @@ def test_training_process_loads_model_code_without_scipy_and_triton():
     and triton too where there is no GPU (`orpo_ray.lean_imports`: 110 MB resident on the bench model's process).
     Both are importable afterwards, transformers answers again that scipy is installed, and training works: the
     rest of the suite trains in such processes."""
-    code = (
-        "import torch, orpo_ray.train.loop\n"
+    script = (
+        "import json, sys, torch, orpo_ray.train.loop\n"
         "import transformers.modeling_utils  # the model code is loaded\n"
         "from transformers.utils.import_utils import is_scipy_available\n"
-        "gpu = torch.cuda.is_available()\n"
-        "import sys\n"
-        "hidden_then = [m for m in ('scipy', 'triton') if m not in sys.modules]\n"
+        "hidden = [m for m in ('scipy', 'triton') if m not in sys.modules]\n"
+        "expected = ['scipy'] + ([] if torch.cuda.is_available() else ['triton'])\n"
         "assert is_scipy_available()\n"
-        "import scipy.optimize\n"
-        "import triton\n"
-        "print(hidden_then if not gpu else hidden_then + ['triton'])\n"
+        "import scipy.optimize, triton\n"
+        "print(json.dumps([hidden, expected]))\n"
     )
-    script = code.replace("print(", "import json; print(json.dumps(") + ")"
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["scipy", "triton"]
+    hidden, expected = json.loads(out.stdout.strip().splitlines()[-1])
+    assert hidden == expected
 
 
 def test_trl_bench_leg_loads_scipy_and_triton_as_trl_users_do():
