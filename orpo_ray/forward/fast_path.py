@@ -13,7 +13,7 @@ the plain path's numbers (``model(...).logits``), so before a run uses one it is
   plain path would), then a probe: two short pairs through the packed layout and the padded plain path, whose
   target log-probs must agree. Absolute position embeddings (GPT-2, OPT) pass: the packed layout gives every
   token the position it has in the padded layout.
-- ``fused_layers`` replaces the forward of RMSNorms (and gated MLPs with ``mlp_recompute``) with autograd
+- ``fused_layers`` replaces the forward of RMSNorms and gated MLPs (those with ``mlp_recompute``, the default) with autograd
   functions that keep fewer activations (`fused_layers`). Check: each module class's output and gradients equal its own forward on a random
   input; a class that differs keeps its own forward (one line says so). No class fused, or ZeRO-3 -> fallback.
 - ``segment_attention`` (only meaningful with a packed layout) runs the packed rows' attention segment by

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from orpo_ray.forward.fast_path import SWITCHES
-from tests.unit.test_families import NO_FUSED_NORM
+from tests.unit.test_families import NOTHING_TO_FUSE
 from orpo_ray.config import load_config
 from orpo_ray.train.loop import train_loop_per_worker
 from orpo_ray.commands.families import FAMILIES, save_family
@@ -39,8 +39,8 @@ def _train(tmp_path, model_dir, *extra):
 def test_default_config_trains_every_family(family, family_dirs, tmp_path, capsys):
     results = _train(tmp_path, family_dirs[family])
     record, expected = dict(results["fast_path"]), dict.fromkeys(SWITCHES, "on")
-    if family in NO_FUSED_NORM:  # no RMSNorm the fused norm reproduces: that one switch falls back, and says so
-        assert record.pop("fused_layers").startswith("fallback: no RMSNorm module")
+    if family in NOTHING_TO_FUSE:  # no gated MLP or RMSNorm to fuse: that one switch falls back, and says so
+        assert record.pop("fused_layers").startswith("fallback: no gated MLP or RMSNorm module")
         expected.pop("fused_layers")
     assert record == expected
     for key in ("loss", "nll_loss", "log_odds_ratio", "rewards/accuracies", "grad_norm"):
@@ -48,7 +48,7 @@ def test_default_config_trains_every_family(family, family_dirs, tmp_path, capsy
             assert math.isfinite(results["train"][key]), key
     assert math.isfinite(results["eval"]["eval_loss"])
     out = capsys.readouterr().out
-    assert out.count("falls back") == (family in NO_FUSED_NORM), out
+    assert out.count("falls back") == (family in NOTHING_TO_FUSE), out
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["fast_path"] == results["fast_path"]
 

@@ -1,12 +1,14 @@
 """forward/fused_layers.py: the fused gated MLP and RMSNorm give the module's own numbers and keep less for backward."""
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.activations import ACT2FN
 
 from orpo_ray.commands.families import build_model
@@ -39,13 +41,60 @@ def test_gated_mlp_passes_gradcheck(act, bias):
 @given(hidden=st.integers(1, 9), inter=st.integers(1, 13), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_gated_mlp_equals_the_plain_composition(hidden, inter, bias, seed):
     inputs = _mlp_inputs(hidden, inter, bias, seed)
-    d_out = torch.randn(2, 3, hidden, dtype=torch.float64)
-    act = ACT2FN["silu"]
+    _assert_mlp_matches_reference(inputs, ACT2FN["silu"])
+
+
+def _assert_mlp_matches_reference(inputs, act):
+    """Output and every gradient of the fused MLP equal the plain composition's (fp64)."""
     ours, ref = GatedMLPFunction.apply(*inputs, act), _reference_mlp(*inputs, act)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    d_out = torch.randn(ours.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     wrt = [t for t in inputs if t is not None]
     for a, b in zip(torch.autograd.grad(ours, wrt, d_out), torch.autograd.grad(ref, wrt, d_out)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gated_mlp_with_an_activation_that_returns_its_input():
+    """The forward multiplies act(gate) by up in place; an identity activation hands back gate itself, which
+    backward still needs, so that product must be a new tensor."""
+    _assert_mlp_matches_reference(_mlp_inputs(4, 6, bias=True), torch.nn.Identity())
+
+
+class _LiveIntermediates(TorchDispatchMode):
+    """The most [tokens, intermediate]-sized tensors that the ops it sees allocate and keep alive at once (by
+    storage, until freed; views and in-place results are not new storage)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.live, self.most = numel, set(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {a.untyped_storage().data_ptr() for a in [*args, *(kwargs or {}).values()]
+                  if isinstance(a, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel:
+                key = t.untyped_storage().data_ptr()
+                if key not in self.live and key not in inputs:
+                    self.live.add(key)
+                    weakref.finalize(t.untyped_storage(), self.live.discard, key)
+        self.most = max(self.most, len(self.live))
+        return out
+
+
+@pytest.mark.parametrize("act, most", [("silu", 3), ("gelu_pytorch_tanh", 4)])
+def test_gated_mlp_backward_holds_few_intermediates(act, most):
+    """Backward works in place: with gate and up saved, at most three more [T, intermediate] tensors at once
+    under SiLU (the first version held six); another activation keeps its own autograd graph's output too."""
+    tokens, hidden, inter = 64, 8, 24
+    inputs = [t.detach().float().requires_grad_(t.requires_grad) if t is not None else None
+              for t in _mlp_inputs(hidden, inter, bias=False)]
+    inputs[0] = torch.randn(1, tokens, hidden, requires_grad=True)
+    out = GatedMLPFunction.apply(*inputs, ACT2FN[act])
+    counter = _LiveIntermediates(tokens * inter)
+    with counter:
+        torch.autograd.grad(out, [t for t in inputs if t is not None], torch.ones_like(out))
+    assert counter.most == most
 
 
 def test_rms_norm_passes_gradcheck_and_equals_llamas():
@@ -124,9 +173,17 @@ def test_a_projection_wrapped_after_fusing_is_not_bypassed():
     torch.testing.assert_close(mlp(x), mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * 2 * mlp.up_proj.inner(x)))
 
 
-def test_by_default_only_norms_are_fused():
+def test_by_default_norms_and_gated_mlps_are_fused():
     model = build_model("llama")
     fast = resolve_fast_path(model, Config())
+    assert fast.layers == {"LlamaRMSNorm": "fused", "LlamaMLP": "fused"}
+    assert fast.fuse(model) == {"LlamaRMSNorm": 5, "LlamaMLP": 2}
+
+
+def test_mlp_recompute_off_fuses_the_norms_only():
+    model = build_model("llama")
+    cfg = dataclasses.replace(Config(), efficiency=dataclasses.replace(Config().efficiency, mlp_recompute=False))
+    fast = resolve_fast_path(model, cfg)
     assert fast.layers == {"LlamaRMSNorm": "fused"} and fast.fuse(model) == {"LlamaRMSNorm": 5}
 
 
