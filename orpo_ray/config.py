@@ -254,7 +254,9 @@ class BenchSection:
     vocab_size: int = _f(8192, "BPE vocabulary trained on the HH text for the benchmark model.")
     num_pairs: Optional[int] = _f(None, "Training pairs to use; null means max_steps x per_device_batch_size.")
     matmul_size: int = _f(1024, "Side of the square matmul that measures the machine's fp32/bf16 peak.")
-    repeats: int = _f(1, "Runs per leg; the fastest is reported (all are kept), against load from other users.")
+    repeats: int = _f(1, "Rounds: every leg runs once per round, round after round, so a slow spell of a shared "
+                      "machine falls on all legs alike; each leg's fastest run and worst peak RSS are reported "
+                      "(all runs kept).")
     legs: list = _f([], "Contenders: {name, kind: trl|orpo, precision, overrides: [key=value ...], ray: bool} "
                     "mappings (ray: true trains through Ray Train as `orpo-ray train` does; else in-process).")
     pairs: Literal["clean", "consecutive"] = _f(

@@ -252,24 +252,44 @@ def leg_env(spec: dict) -> dict | None:
     return None if cfg.scaling.num_workers > 1 or spec.get("ray") else local_process_env(cfg)
 
 
-def run_leg(spec: dict, work: Path, repeats: int) -> tuple[list[dict], str | None]:
-    """Run one leg `repeats` times, each in its own subprocess (its own peak RSS): (results, error or None)."""
+def run_leg_once(spec: dict, work: Path, repeat: int) -> tuple[dict | None, str | None]:
+    """Run one leg once, in its own subprocess (its own peak RSS): (result, None) or (None, error)."""
     result_path = work / f"{spec['name']}.result.json"
-    runs = []
-    for repeat in range(max(1, repeats)):
-        # Each repeat trains in its own, emptied output_dir: `orpo-ray train` does not retrain a finished run's
-        # directory (it reports the finished results), so a reused one would repeat one measurement.
-        run_dir = Path(spec["work"]) / f"run{repeat}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        spec_path = work / f"{spec['name']}.{repeat}.spec.json"
-        spec_path.write_text(json.dumps({**spec, "work": str(run_dir)}))
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "orpo_ray.commands.bench", "--leg", str(spec_path), "--out",
-                               str(result_path)], capture_output=True, text=True, env=leg_env(spec))
-        if proc.returncode != 0:
-            return runs, proc.stderr[-3000:]
-        runs.append({**json.loads(result_path.read_text()), "leg_wall_seconds": time.perf_counter() - start})
-    return runs, None
+    # Each repeat trains in its own, emptied output_dir: `orpo-ray train` does not retrain a finished run's
+    # directory (it reports the finished results), so a reused one would repeat one measurement.
+    run_dir = Path(spec["work"]) / f"run{repeat}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    spec_path = work / f"{spec['name']}.{repeat}.spec.json"
+    spec_path.write_text(json.dumps({**spec, "work": str(run_dir)}))
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "orpo_ray.commands.bench", "--leg", str(spec_path), "--out",
+                           str(result_path)], capture_output=True, text=True, env=leg_env(spec))
+    if proc.returncode != 0:
+        return None, proc.stderr[-3000:]
+    return {**json.loads(result_path.read_text()), "round": repeat, "started_at": started,
+            "leg_wall_seconds": time.time() - started}, None
+
+
+def run_rounds(specs: list[dict], work: Path, repeats: int) -> dict[str, tuple[list[dict], str | None]]:
+    """Every leg once per round, `repeats` rounds: {leg name: (its runs, error or None)}.
+
+    Why rounds and not each leg's repeats back to back: on a shared VM the speed of the same leg drifted by
+    1.5x within minutes (session 16: one Ray leg ran 12.46-18.66 pairs/s in 15 minutes, idle). Back to back, a slow
+    window lands on all repeats of whichever legs run in it; in rounds, each leg gets runs spread over the whole
+    bench, so the fastest of each is taken from comparable chances. A leg that fails is not run again."""
+    outcome: dict[str, tuple[list[dict], str | None]] = {spec["name"]: ([], None) for spec in specs}
+    rounds = max(1, repeats)
+    for repeat in range(rounds):
+        for spec in specs:
+            runs, error = outcome[spec["name"]]
+            if error is not None:
+                continue
+            result, error = run_leg_once(spec, work, repeat)
+            outcome[spec["name"]] = (runs + [result] if result else runs, error)
+            if result:  # progress: the table comes when every round is done
+                print(f"[bench] round {repeat + 1}/{rounds} {spec['name']}: {result['pairs_per_second'] or 0:.2f} "
+                      f"pairs/s, peak {result['peak_rss_mb']:.0f} MB", flush=True)
+    return outcome
 
 
 def run_bench(cfg: Config) -> dict:
@@ -294,31 +314,35 @@ def run_bench(cfg: Config) -> dict:
     inputs = prepare_inputs(cfg, work)
     timed_flops = sum(inputs["step_flops"][1:])
     timed_pairs = (cfg.train.max_steps - 1) * cfg.train.per_device_batch_size
-    legs = []
+    legs = {leg["name"]: {"name": leg["name"], "kind": leg["kind"]} for leg in cfg.bench.legs}
+    specs = []
     for leg in cfg.bench.legs:
         slow_bf16 = leg.get("precision") == "bf16" and not cfg.scaling.use_gpu and not cpu_has_fast_bf16()
         if slow_bf16:  # e.g. AVX2-only EPYCs: bf16 matmul runs 100-1000x slower than fp32; a leg would take hours
             reason = (f"this CPU has no fast bf16 ({hardware['cpu_capability']}): the bf16 matmul ran at "
                       f"{peak['bf16']:.0f} GFLOP/s vs fp32 {peak['fp32']:.0f}")
             print(f"[bench] leg {leg['name']} skipped: {reason}", flush=True)
-            legs.append({"name": leg["name"], "kind": leg["kind"], "skipped": reason})
+            legs[leg["name"]]["skipped"] = reason
             continue
-        spec = {**leg, **{k: inputs[k] for k in ("model_dir", "train", "trl_train", "eval")},
-                "config": cfg.to_dict(), "work": str(work / leg["name"]), "precision": leg.get("precision", "fp32")}
-        runs, error = run_leg(spec, work, cfg.bench.repeats)
+        specs.append({**leg, **{k: inputs[k] for k in ("model_dir", "train", "trl_train", "eval")},
+                      "config": cfg.to_dict(), "work": str(work / leg["name"]),
+                      "precision": leg.get("precision", "fp32")})
+    overrides = {spec["name"]: spec.get("overrides", []) for spec in specs}
+    for name, (runs, error) in run_rounds(specs, work, cfg.bench.repeats).items():
         if error is not None:
-            print(f"[bench] leg {leg['name']} failed:\n{error}", flush=True)
-            legs.append({"name": leg["name"], "kind": leg["kind"], "error": error})
+            print(f"[bench] leg {name} failed:\n{error}", flush=True)
+            legs[name]["error"] = error
             continue
         # The fastest run stands for the leg (load from others only slows a run down); memory is the worst run's.
-        r = {"name": leg["name"], "kind": leg["kind"], "overrides": leg.get("overrides", []),
-             **max(runs, key=lambda x: x["pairs_per_second"] or 0.0),
-             "pairs_per_second_runs": [x["pairs_per_second"] for x in runs],
-             "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)}
+        r = legs[name]
+        r.update({"overrides": overrides[name], **max(runs, key=lambda x: x["pairs_per_second"] or 0.0),
+                  "pairs_per_second_runs": [x["pairs_per_second"] for x in runs],
+                  "started_at_runs": [x["started_at"] for x in runs],
+                  "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)})
         r["final_loss"] = r["losses"][-1] if r["losses"] else None
         r["gflops"] = timed_flops / (timed_pairs / r["pairs_per_second"]) / 1e9 if r["pairs_per_second"] else None
-        legs.append(r)
         print(f"[bench] {_row(r)}", flush=True)
+    legs = [legs[leg["name"]] for leg in cfg.bench.legs]
     report = {"hardware": hardware, "matmul_peak_gflops": peak, "legs": legs, "ratios": _ratios(legs),
               "data": {k: inputs[k] for k in ("pairs", "skipped", "step_tokens")},
               "parameters": inputs["parameters"],
@@ -328,7 +352,7 @@ def run_bench(cfg: Config) -> dict:
                           "objective": cfg.objective,
                           "nll_on_prompt": build_objective(cfg).nll_on_prompt},
               "note": f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end (above 0.5 other "
-                      "work shared the cores); short runs, first step excluded, fastest of bench.repeats per leg"}
+                      "work shared the cores); short runs, first step excluded, fastest of bench.repeats rounds per leg"}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     print(_table(report), flush=True)
     return report

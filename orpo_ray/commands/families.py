@@ -94,11 +94,11 @@ PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", 
 def run_family_bench(cfg, work: Path) -> dict:
     """Each family of ``bench.families`` with the defaults and with the plain path, on data.train_path's first
     pairs (HH transcripts; the byte-level tokenizer, so max_length counts bytes): pairs/s and peak RSS per leg,
-    each leg in its own subprocess (`bench.run_leg`). Writes output_dir/families.json, prints a Markdown table."""
+    each leg in its own subprocess (`bench.run_rounds`). Writes output_dir/families.json, prints a Markdown table."""
     import json
     import os
 
-    from orpo_ray.commands.bench import run_leg
+    from orpo_ray.commands.bench import run_rounds
     from orpo_ray.data.records import read_pairs
     from orpo_ray.precision import hardware_summary
 
@@ -115,11 +115,12 @@ def run_family_bench(cfg, work: Path) -> dict:
     for family in cfg.bench.families:
         model_dir = save_family(family, work / "families" / family)
         row = {"family": family}
-        for name, overrides in (("defaults", []), ("plain", PLAIN)):
-            spec = {"name": f"{family}-{name}", "kind": "orpo", "model_dir": str(model_dir), "train": str(paths["train"]),
-                    "eval": str(paths["eval"]), "config": cfg.to_dict(), "work": str(work / f"{family}-{name}"),
-                    "precision": "fp32", "overrides": overrides}
-            runs, error = run_leg(spec, work, cfg.bench.repeats)
+        specs = [{"name": f"{family}-{name}", "kind": "orpo", "model_dir": str(model_dir), "train": str(paths["train"]),
+                  "eval": str(paths["eval"]), "config": cfg.to_dict(), "work": str(work / f"{family}-{name}"),
+                  "precision": "fp32", "overrides": overrides} for name, overrides in (("defaults", []), ("plain", PLAIN))]
+        outcome = run_rounds(specs, work, cfg.bench.repeats)  # the two legs alternate, round by round
+        for name in ("defaults", "plain"):
+            runs, error = outcome[f"{family}-{name}"]
             best = max(runs, key=lambda x: x["pairs_per_second"] or 0.0) if runs and not error else None
             row[name] = {"error": error} if best is None else {
                 "pairs_per_second": best["pairs_per_second"], "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),

@@ -1,6 +1,6 @@
 """`orpo-ray bench` (small: tiny model, 4 steps of 4 HH pairs): the fp32 loss equality with TRL's ORPOTrainer
 that the README states is asserted, not only printed - per step, for the plain path, all switches and the Ray leg;
-and `bench.repeats` measures every repeat."""
+and `bench.repeats` measures every repeat, in rounds."""
 
 from __future__ import annotations
 
@@ -44,5 +44,8 @@ def test_bench_fp32_losses_equal_trl(tmp_path):
     for leg in report["legs"]:
         first, second = leg["pairs_per_second_runs"]
         assert first != second, (leg["name"], leg["pairs_per_second_runs"])
+    # In rounds: every leg ran once before any leg ran again.
+    starts = [leg["started_at_runs"] for leg in report["legs"]]
+    assert max(first for first, _ in starts) < min(second for _, second in starts), starts
     for name, diff in compared.items():
         assert diff["max_step_relative_difference"] < TOLERANCE, (name, diff)
