@@ -261,13 +261,13 @@ def run_leg_once(spec: dict, work: Path, repeat: int) -> tuple[dict | None, str 
     shutil.rmtree(run_dir, ignore_errors=True)
     spec_path = work / f"{spec['name']}.{repeat}.spec.json"
     spec_path.write_text(json.dumps({**spec, "work": str(run_dir)}))
-    started = time.time()
+    started, clock = time.time(), time.perf_counter()  # when (epoch seconds, for the order) and how long
     proc = subprocess.run([sys.executable, "-m", "orpo_ray.commands.bench", "--leg", str(spec_path), "--out",
                            str(result_path)], capture_output=True, text=True, env=leg_env(spec))
     if proc.returncode != 0:
         return None, proc.stderr[-3000:]
     return {**json.loads(result_path.read_text()), "round": repeat, "started_at": started,
-            "leg_wall_seconds": time.time() - started}, None
+            "leg_wall_seconds": time.perf_counter() - clock}, None
 
 
 def run_rounds(specs: list[dict], work: Path, repeats: int) -> dict[str, tuple[list[dict], str | None]]:

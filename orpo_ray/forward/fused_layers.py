@@ -71,6 +71,7 @@ class GatedMLPFunction(torch.autograd.Function):
             with torch.enable_grad():
                 gate_leaf = gate.detach().requires_grad_(True)
                 activated_graph = ctx.act(gate_leaf)
+            # a copy: act(gate) * up is formed in place below, and the activation may have saved its output
             activated = activated_graph.detach().clone()
         d_up = d_hidden * activated
         hidden = activated.mul_(up)  # act(gate) * up, recomputed in act(gate)'s storage
