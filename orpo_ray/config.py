@@ -286,7 +286,8 @@ class ScalingSection:
     allocator: Literal["auto", "jemalloc", "system"] = _f(
         "auto", "malloc of the Ray workers (orpo_ray/allocator.py). 'jemalloc': Ray's bundled libjemalloc.so, preloaded "
         "into the workers through the job's runtime env; glibc's heap fragments under a step's changing tensor sizes "
-        "(8k bench leg: 819 MB peak RSS under jemalloc, 945 under glibc, same speed). 'system': the process's own "
+        "(8k bench leg: 819 MB peak RSS under jemalloc, 945 under glibc, same speed); its MALLOC_CONF keeps freed pages "
+        "for reuse (allocator.JEMALLOC_CONF) unless MALLOC_CONF is exported. 'system': the process's own "
         "malloc. 'auto': jemalloc on the local instance a run starts, the system's on a cluster (the library's path "
         "is this machine's) or when LD_PRELOAD is exported. `train --local` restarts itself under the same preload.")
     max_failures: int = _f(1, "Worker-group restarts Ray Train may do (resuming from the last checkpoint).")

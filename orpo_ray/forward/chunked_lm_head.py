@@ -97,9 +97,11 @@ class _ChunkBuffers:
         the dtypes and the chunk size are the same (then sized for a whole chunk, whatever ``m`` is), until
         `release_chunk_buffers`.
 
-        Why: jemalloc (the workers' malloc, `orpo_ray.allocator`) hands the pages of every freed tensor of 8 MB or
+        Why: glibc's malloc, and jemalloc under its own defaults, hand the pages of every freed tensor of 8 MB or
         more back to the OS at once, so each fresh chunk buffer page-faults in again, at ~2 us a page on the VMs
-        measured (a 32 MB tensor allocated and freed in a loop: 8,192 faults each time). Kept between calls, the
+        measured (a 32 MB tensor allocated and freed in a loop: 8,192 faults each time). The workers' jemalloc now
+        keeps freed pages (`orpo_ray.allocator.JEMALLOC_CONF`), which makes the keeping redundant there; it stays
+        for the other mallocs (scaling.allocator=system, a user's LD_PRELOAD). Kept between calls, the
         in-process bf16 leg of the 32k bench went from 5.60, 5.37, 5.60 to 6.60, 6.27, 6.38 pairs/s (1.54 M to 1.14-1.27 M
         minor faults; peak RSS 1,464-1,468 MB against 1,472-1,475), the 8k one from 18.25, 22.71, 18.43, 16.78 to
         21.18, 19.79, 19.01, 21.27 (alternating runs, Intel Xeon). The peak does not grow: the buffers exist at

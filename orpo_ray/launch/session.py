@@ -87,16 +87,15 @@ def ensure_ray(cfg: Config, dashboard: bool | None = None) -> None:
         return
     address = cfg.scaling.cluster_address()
     # The job's runtime env reaches every worker it starts (Ray Train's and Ray Data's), before their first malloc.
-    allocator = run_allocator(cfg, local_instance=not address)
-    preload = {"LD_PRELOAD": allocator.preload} if allocator.preload else {}
+    allocator = run_allocator(cfg, local_instance=not address).env(os.environ)
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu) | preload},
+        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu) | allocator},
                  log_to_driver=True)
     else:
         # A local instance: pick its GCS port here so the workers can be told the address (see worker_env).
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts a head node
-        runtime_env = {"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}", cfg.scaling.use_gpu) | preload}
+        runtime_env = {"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}", cfg.scaling.use_gpu) | allocator}
         dashboard = cfg.scaling.local_dashboard if dashboard is None else dashboard
         if not dashboard:
             runtime_env["worker_process_setup_hook"] = f"{__name__}.{quiet_placement_group_cleaner.__name__}"
@@ -118,10 +117,10 @@ def local_process_env(cfg: Config) -> dict | None:
     """The environment an in-process run (`train --local`, the bench's in-process legs) starts under so that its
     one process gets the malloc a local instance's workers get; None when this process should keep its own (the
     library is already preloaded, the user exported an LD_PRELOAD, or scaling.allocator says so)."""
-    allocator = run_allocator(cfg, local_instance=True)
-    if allocator.preload is None or allocator.preload == os.environ.get("LD_PRELOAD"):
+    wanted = run_allocator(cfg, local_instance=True).env(os.environ)
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
         return None
-    return {**os.environ, "LD_PRELOAD": allocator.preload}
+    return {**os.environ, **wanted}
 
 
 def cpus_per_worker(cfg: Config) -> int:

@@ -41,7 +41,7 @@ def test_the_preemption_watcher_switch_and_cleaner_logger_are_ray_trains_own():
 def demo_run(tmp_path_factory):
     """`orpo-ray train` as `make demo` runs it (2 steps): its console and results.json."""
     out = tmp_path_factory.mktemp("driver_log") / "run"
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
     cmd = [sys.executable, "-m", "orpo_ray.cli", "train", DEMO, *TINY, "train.max_steps=2", f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,10 +50,11 @@ def demo_run(tmp_path_factory):
 
 def test_the_worker_runs_on_rays_bundled_jemalloc(demo_run):
     """scaling.allocator: auto on the instance the run starts: the worker's LD_PRELOAD (job runtime env) put
-    jemalloc in the Ray Train worker, as its own memory map says."""
-    assert demo_run["results"]["plan"]["allocator"] == "jemalloc"
+    jemalloc in the Ray Train worker, as its own memory map says, and its MALLOC_CONF arrived with it (the worker's
+    jemalloc reports that it keeps freed pages)."""
+    assert demo_run["results"]["plan"]["allocator"] == "jemalloc (keeps freed pages)"
     plan = [line for line in demo_run["console"].splitlines() if "[orpo-ray] plan:" in line and "| malloc" in line]
-    assert len(plan) == 1 and plan[0].endswith("| malloc jemalloc"), plan
+    assert len(plan) == 1 and plan[0].endswith("| malloc jemalloc (keeps freed pages)"), plan
 
 
 def test_worker_lines_reach_the_driver_once(demo_run):

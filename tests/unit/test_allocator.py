@@ -5,11 +5,13 @@ and tests/integration/test_job_submit.py (a cluster: the system's)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from orpo_ray.allocator import active_allocator, bundled_jemalloc, worker_allocator
+from orpo_ray.allocator import JEMALLOC_CONF, active_allocator, bundled_jemalloc, worker_allocator
 from orpo_ray.config import ConfigError, load_config
 
 LIB = "/opt/ray/core/libjemalloc.so"
@@ -33,6 +35,62 @@ def test_worker_allocator_resolution(setting, local, inherited, library, name, p
 def test_asking_for_jemalloc_without_the_library_names_what_is_missing():
     with pytest.raises(FileNotFoundError, match=r"scaling.allocator=jemalloc: Ray's libjemalloc.so was not found"):
         worker_allocator("jemalloc", local_instance=True, inherited_preload=None, library=None)
+
+
+def test_the_environment_a_process_needs_for_its_malloc():
+    jemalloc = worker_allocator("auto", local_instance=True, inherited_preload=None, library=LIB)
+    assert jemalloc.env({}) == {"LD_PRELOAD": LIB, "MALLOC_CONF": JEMALLOC_CONF}
+    assert jemalloc.env({"MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"  # the user's settings stay
+    assert worker_allocator("system", local_instance=True, inherited_preload=None, library=LIB).env({}) == {}
+
+
+# A C loop (ctypes: no torch, so it starts in ~50 ms) that allocates 32 MB, writes every page and frees it, ten
+# times, and prints the minor page faults the last nine took: what a training step's freed tensors cost the next one.
+_REFAULT_PROBE = """
+import ctypes, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+size = 32 << 20
+def once():
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(ctypes.c_void_p(p))
+once()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(9):
+    once()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _refaults(env: dict) -> int:
+    run_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")} | env
+    out = subprocess.run([sys.executable, "-c", _REFAULT_PROBE], env=run_env, capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def test_jemalloc_under_the_workers_settings_keeps_freed_pages():
+    """Ray's jemalloc with its own defaults hands a freed 32 MB block back to the OS, so writing the next one faults
+    all 8,192 pages in again; with JEMALLOC_CONF the pages stay and the next block reuses them."""
+    pages = (32 << 20) // os.sysconf("SC_PAGE_SIZE")
+    env = worker_allocator("auto", local_instance=True, inherited_preload=None, library=bundled_jemalloc()).env({})
+    assert _refaults({"LD_PRELOAD": env["LD_PRELOAD"]}) >= 9 * pages * 0.9  # jemalloc's defaults
+    assert _refaults(env) < pages // 4
+
+
+def _active_allocator_under(env: dict) -> str:
+    run_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")} | env
+    probe = "from orpo_ray.allocator import active_allocator; print(active_allocator())"
+    return subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_a_process_reports_whether_its_jemalloc_keeps_freed_pages():
+    """What a worker's plan line shows (`| malloc ...`): read from the malloc it runs on, not from what was asked."""
+    env = worker_allocator("auto", local_instance=True, inherited_preload=None, library=bundled_jemalloc()).env({})
+    assert _active_allocator_under(env) == "jemalloc (keeps freed pages)"
+    assert _active_allocator_under({"LD_PRELOAD": env["LD_PRELOAD"]}) == "jemalloc"
+    assert _active_allocator_under({}) == "system"
 
 
 def test_the_installed_ray_ships_jemalloc():
@@ -73,6 +131,7 @@ def test_ensure_ray_puts_the_allocator_in_the_jobs_runtime_env(monkeypatch, ray_
     (kwargs,) = ray_init_calls
     env = kwargs["runtime_env"]["env_vars"]
     assert env.get("LD_PRELOAD") == (bundled_jemalloc() if preloaded else None)
+    assert env.get("MALLOC_CONF") == (JEMALLOC_CONF if preloaded else None)
 
 
 @pytest.mark.parametrize("overrides, exported, preloaded", [
@@ -89,10 +148,23 @@ def test_an_in_process_run_starts_under_the_workers_allocator(monkeypatch, overr
         monkeypatch.setenv("LD_PRELOAD", bundled_jemalloc() if exported == "JEMALLOC" else exported)
     else:
         monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("MALLOC_CONF", JEMALLOC_CONF)  # as a restarted process has it
     env = local_process_env(load_config(None, overrides))
     assert (env is not None) is preloaded
     if env is not None:
         assert env["LD_PRELOAD"].split(":")[0] == bundled_jemalloc() and env["PATH"] == os.environ["PATH"]
+        assert env["MALLOC_CONF"] == JEMALLOC_CONF
+
+
+def test_an_in_process_run_restarts_for_the_allocators_settings_too(monkeypatch):
+    """Started under the library but without its settings: restarted once with them, the user's own kept."""
+    from orpo_ray.launch.session import local_process_env
+
+    monkeypatch.setenv("LD_PRELOAD", bundled_jemalloc())
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    assert local_process_env(load_config(None, ["scaling.allocator=jemalloc"]))["MALLOC_CONF"] == JEMALLOC_CONF
+    monkeypatch.setenv("MALLOC_CONF", "narenas:2")
+    assert local_process_env(load_config(None, ["scaling.allocator=jemalloc"])) is None
 
 
 @pytest.mark.parametrize("kind, ray, overrides, preloaded", [
