@@ -50,10 +50,11 @@ class WorkerAllocator:
 
     def env(self, exported: Mapping[str, str]) -> dict[str, str]:
         """The variables a process needs to start on this malloc: LD_PRELOAD, and jemalloc's settings unless the user
-        exported their own MALLOC_CONF (`exported`: the launching process's environment). Empty for 'system'."""
+        exported their own MALLOC_CONF (`exported`: the launching process's environment; an empty one sets nothing
+        and is replaced). Empty for 'system'."""
         if self.preload is None:
             return {}
-        return {"LD_PRELOAD": self.preload, "MALLOC_CONF": exported.get("MALLOC_CONF", JEMALLOC_CONF)}
+        return {"LD_PRELOAD": self.preload, "MALLOC_CONF": exported.get("MALLOC_CONF") or JEMALLOC_CONF}
 
 
 def worker_allocator(setting: str, *, local_instance: bool, inherited_preload: str | None,

@@ -41,6 +41,7 @@ def test_the_environment_a_process_needs_for_its_malloc():
     jemalloc = worker_allocator("auto", local_instance=True, inherited_preload=None, library=LIB)
     assert jemalloc.env({}) == {"LD_PRELOAD": LIB, "MALLOC_CONF": JEMALLOC_CONF}
     assert jemalloc.env({"MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"  # the user's settings stay
+    assert jemalloc.env({"MALLOC_CONF": ""})["MALLOC_CONF"] == JEMALLOC_CONF  # an empty one sets nothing
     assert worker_allocator("system", local_instance=True, inherited_preload=None, library=LIB).env({}) == {}
 
 
