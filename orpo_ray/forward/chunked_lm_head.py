@@ -22,12 +22,14 @@ Pure module: torch only.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
+from orpo_ray.allocator import jemalloc_keeps_freed_pages
 from orpo_ray.forward.logprobs import TokenStats, target_logps
 from orpo_ray.forward.matmul_shapes import round_up, row_multiple
 
@@ -99,14 +101,15 @@ class _ChunkBuffers:
 
         Why: glibc's malloc, and jemalloc under its own defaults, hand the pages of every freed tensor of 8 MB or
         more back to the OS at once, so each fresh chunk buffer page-faults in again, at ~2 us a page on the VMs
-        measured (a 32 MB tensor allocated and freed in a loop: 8,192 faults each time). The workers' jemalloc now
-        keeps freed pages (`orpo_ray.allocator.JEMALLOC_CONF`), which makes the keeping redundant there; it stays
-        for the other mallocs (scaling.allocator=system, a user's LD_PRELOAD). Kept between calls, the
+        measured (a 32 MB tensor allocated and freed in a loop: 8,192 faults each time). Under a malloc that keeps
+        freed pages itself (the workers' jemalloc, `orpo_ray.allocator.JEMALLOC_CONF`) nothing is kept here: the
+        freed buffer's pages serve the backward's next allocations, which lowered the 32k in-process leg's peak RSS
+        from 1,363-1,381 to 1,334 MB (two runs each, same speed). Kept between calls, the
         in-process bf16 leg of the 32k bench went from 5.60, 5.37, 5.60 to 6.60, 6.27, 6.38 pairs/s (1.54 M to 1.14-1.27 M
         minor faults; peak RSS 1,464-1,468 MB against 1,472-1,475), the 8k one from 18.25, 22.71, 18.43, 16.78 to
         21.18, 19.79, 19.01, 21.27 (alternating runs, Intel Xeon). The peak does not grow: the buffers exist at
         each step's peak (the end of the forward) either way. On a GPU the caching allocator already reuses memory."""
-        if w.device.type != "cpu":
+        if w.device.type != "cpu" or malloc_keeps_freed_pages():
             return cls(m, chunk, w, acc)
         key = (tuple(w.shape), w.dtype, acc, chunk)
         if cls._kept is None or cls._kept[0] != key:
@@ -160,6 +163,12 @@ class _ChunkBuffers:
             else:
                 self._weight_product = (torch.empty_like(w), torch.empty_like(w, dtype=self.logits.dtype))
         return self._weight_product
+
+
+@functools.cache
+def malloc_keeps_freed_pages() -> bool:
+    """Whether this process's malloc keeps freed pages for reuse (asked once: it cannot change while it runs)."""
+    return bool(jemalloc_keeps_freed_pages())
 
 
 def release_chunk_buffers() -> None:

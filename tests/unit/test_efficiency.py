@@ -5,7 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from orpo_ray.forward.chunked_lm_head import LmHead, chunked_target_logps, release_chunk_buffers
+from orpo_ray.forward.chunked_lm_head import (
+    LmHead,
+    chunked_target_logps,
+    malloc_keeps_freed_pages,
+    release_chunk_buffers,
+)
 from orpo_ray.config import Config, EfficiencySection, ModelSection, OrpoSection, TinyModelSection
 from orpo_ray.forward.layouts import make_collate, make_policy_loss
 from orpo_ray.objectives import build_objective
@@ -175,9 +180,10 @@ def test_chunked_lm_head_allocates_its_chunk_sized_tensors_once_per_call_not_per
 
 
 def test_cpu_lm_head_calls_keep_their_chunk_buffers_until_released():
-    """jemalloc returns the pages of a freed tensor of 8 MB or more to the OS at once, so the lm-head keeps its
-    chunk buffers from one call to the next on a CPU (`_ChunkBuffers.for_call`) instead of page-faulting them in
-    again every step; the results do not depend on what the buffers held before."""
+    """glibc (this test process's malloc) returns the pages of a freed tensor of 8 MB or more to the OS at once, so
+    the lm-head keeps its chunk buffers from one call to the next on a CPU (`_ChunkBuffers.for_call`) instead of
+    page-faulting them in again every step; the results do not depend on what the buffers held before."""
+    assert not malloc_keeps_freed_pages()
     first = _chunk_sized_allocations(2, bf16=True, bias=False)
     assert first > 0
     again = _chunk_sized_allocations(2, bf16=True, bias=False, release=False)
@@ -199,6 +205,18 @@ def test_cpu_lm_head_calls_keep_their_chunk_buffers_until_released():
     fresh = run()
     for kept, ref in zip(run(), fresh):
         torch.testing.assert_close(kept, ref, rtol=0, atol=0)
+
+
+def test_under_a_malloc_that_keeps_freed_pages_nothing_is_kept_between_calls(monkeypatch):
+    """The workers' jemalloc keeps freed pages itself: the buffers go when the call ends, and their pages serve the
+    backward's next allocations (a lower peak) without faulting in again."""
+    from orpo_ray.forward import chunked_lm_head
+
+    monkeypatch.setattr(chunked_lm_head, "malloc_keeps_freed_pages", lambda: True)
+    first = _chunk_sized_allocations(2, bf16=True, bias=False)
+    assert first > 0
+    assert _chunk_sized_allocations(2, bf16=True, bias=False, release=False) == first
+    assert chunked_lm_head._ChunkBuffers._kept is None
 
 
 @pytest.mark.parametrize("hidden_size", [16, 512], ids=["weight-product-in-logits-buffer", "own-buffers"])
