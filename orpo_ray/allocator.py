@@ -11,7 +11,7 @@ Its settings (`JEMALLOC_CONF`, the workers' MALLOC_CONF): freed pages stay with 
 instead of going back to the OS. Why: a step frees and allocates the same few hundred MB again every step; by
 default jemalloc hands freed extents of 8 MB or more back at once (its oversize arena) and the rest within 10 s,
 so every step page-faulted ~50 MB in again - 140-175 k minor faults and 0.4-0.6 s of system time over the 11 timed
-steps of the 8k bench leg (in-process, fp32, Intel Xeon), against 15-19 k and 0.05-0.15 s kept (pairs/s 16.2-18.6
+steps of the 8k bench leg (in-process, fp32, Intel Xeon), against 15-19 k and 0.05-0.2 s kept (pairs/s 16.2-18.6
 against 14.1-15.5 in alternating runs; through Ray 14.5 against 11.7). Kept pages are reused before new ones are
 touched, so the resident peak does not grow: 703 MB against 697-706 with all sizes in the common arenas
 (`oversize_threshold:0`); with the oversize arena kept apart, its idle extents added 15-20 MB.

@@ -17,7 +17,7 @@ checks at load that it reproduces the model's own logits and turns the switch of
 ``stats_from_targets`` scatters the per-target results back into the padded [2B, T] layout of
 ``collate.collate_pairs`` (``dst`` indices), so ``logprobs.outputs_from_token_stats`` is shared by every path.
 
-Pure module: torch only.
+Pure module: torch only (and `orpo_ray.allocator`'s question to the process's malloc).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class _ChunkBuffers:
         measured (a 32 MB tensor allocated and freed in a loop: 8,192 faults each time). Under a malloc that keeps
         freed pages itself (the workers' jemalloc, `orpo_ray.allocator.JEMALLOC_CONF`) nothing is kept here: the
         freed buffer's pages serve the backward's next allocations, which lowered the 32k in-process leg's peak RSS
-        from 1,363-1,381 to 1,334 MB (two runs each, same speed). Kept between calls, the
+        from 1,363-1,381 to 1,334 MB (two runs each, same speed). Under jemalloc's defaults, kept between calls, the
         in-process bf16 leg of the 32k bench went from 5.60, 5.37, 5.60 to 6.60, 6.27, 6.38 pairs/s (1.54 M to 1.14-1.27 M
         minor faults; peak RSS 1,464-1,468 MB against 1,472-1,475), the 8k one from 18.25, 22.71, 18.43, 16.78 to
         21.18, 19.79, 19.01, 21.27 (alternating runs, Intel Xeon). The peak does not grow: the buffers exist at

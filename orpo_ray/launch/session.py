@@ -87,15 +87,16 @@ def ensure_ray(cfg: Config, dashboard: bool | None = None) -> None:
         return
     address = cfg.scaling.cluster_address()
     # The job's runtime env reaches every worker it starts (Ray Train's and Ray Data's), before their first malloc.
-    allocator = run_allocator(cfg, local_instance=not address).env(os.environ)
+    allocator_env = run_allocator(cfg, local_instance=not address).env(os.environ)  # LD_PRELOAD, MALLOC_CONF
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu) | allocator},
+        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu) | allocator_env},
                  log_to_driver=True)
     else:
         # A local instance: pick its GCS port here so the workers can be told the address (see worker_env).
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts a head node
-        runtime_env = {"env_vars": worker_env(f"{ray.util.get_node_ip_address()}:{port}", cfg.scaling.use_gpu) | allocator}
+        address_env = worker_env(f"{ray.util.get_node_ip_address()}:{port}", cfg.scaling.use_gpu)
+        runtime_env = {"env_vars": address_env | allocator_env}
         dashboard = cfg.scaling.local_dashboard if dashboard is None else dashboard
         if not dashboard:
             runtime_env["worker_process_setup_hook"] = f"{__name__}.{quiet_placement_group_cleaner.__name__}"
