@@ -22,6 +22,7 @@ and the worker reports what it actually got (`active_allocator`)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,7 @@ def worker_allocator(setting: str, *, local_instance: bool, inherited_preload: s
         return WorkerAllocator("system", None, f"Ray's {JEMALLOC_NAME} was not found in its package")
     # Already preloaded (a restarted `train --local`, a worker's child): the same list, so nothing restarts again.
     preload = ":".join([library, *(p for p in (inherited_preload or "").split(":") if p and p != library)])
-    return WorkerAllocator("jemalloc", preload, f"Ray's bundled {JEMALLOC_NAME}, scaling.allocator={setting}, "
-                                                f"freed pages kept for reuse")
+    return WorkerAllocator("jemalloc", preload, f"Ray's bundled {JEMALLOC_NAME}, scaling.allocator={setting}")
 
 
 def active_allocator(maps_path: str = "/proc/self/maps") -> str:
@@ -98,9 +98,11 @@ def active_allocator(maps_path: str = "/proc/self/maps") -> str:
     return "system"
 
 
+@functools.cache
 def jemalloc_keeps_freed_pages() -> bool | None:
     """Whether this process's jemalloc never hands freed pages back (its opt.dirty_decay_ms is -1), asked through
-    its `mallctl`; None when no jemalloc is loaded (a preloaded one exports the symbol to the whole process)."""
+    its `mallctl`; None when no jemalloc is loaded (a preloaded one exports the symbol to the whole process). Asked
+    once: a process's malloc and its settings cannot change while it runs."""
     import ctypes
 
     mallctl = getattr(ctypes.CDLL(None), "mallctl", None)

@@ -64,10 +64,15 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _refaults(env: dict) -> int:
+def _python_under(env: dict, code: str) -> str:
+    """What `python -c code` prints, started with `env` as its only malloc settings (none inherited from here)."""
     run_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")} | env
-    out = subprocess.run([sys.executable, "-c", _REFAULT_PROBE], env=run_env, capture_output=True, text=True, check=True)
-    return int(out.stdout)
+    return subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _refaults(env: dict) -> int:
+    return int(_python_under(env, _REFAULT_PROBE))
 
 
 def test_jemalloc_under_the_workers_settings_keeps_freed_pages():
@@ -80,10 +85,7 @@ def test_jemalloc_under_the_workers_settings_keeps_freed_pages():
 
 
 def _active_allocator_under(env: dict) -> str:
-    run_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")} | env
-    probe = "from orpo_ray.allocator import active_allocator; print(active_allocator())"
-    return subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return _python_under(env, "from orpo_ray.allocator import active_allocator; print(active_allocator())")
 
 
 def test_a_process_reports_whether_its_jemalloc_keeps_freed_pages():
