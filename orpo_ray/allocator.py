@@ -22,7 +22,6 @@ and the worker reports what it actually got (`active_allocator`)."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,11 +97,9 @@ def active_allocator(maps_path: str = "/proc/self/maps") -> str:
     return "system"
 
 
-@functools.cache
 def jemalloc_keeps_freed_pages() -> bool | None:
     """Whether this process's jemalloc never hands freed pages back (its opt.dirty_decay_ms is -1), asked through
-    its `mallctl`; None when no jemalloc is loaded (a preloaded one exports the symbol to the whole process). Asked
-    once: a process's malloc and its settings cannot change while it runs."""
+    its `mallctl`; None when no jemalloc is loaded (a preloaded one exports the symbol to the whole process)."""
     import ctypes
 
     mallctl = getattr(ctypes.CDLL(None), "mallctl", None)

@@ -22,6 +22,7 @@ Pure module: torch only (and `orpo_ray.allocator`'s question to the process's ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple
 
@@ -108,7 +109,7 @@ class _ChunkBuffers:
         minor faults; peak RSS 1,464-1,468 MB against 1,472-1,475), the 8k one from 18.25, 22.71, 18.43, 16.78 to
         21.18, 19.79, 19.01, 21.27 (alternating runs, Intel Xeon). The peak does not grow: the buffers exist at
         each step's peak (the end of the forward) either way. On a GPU the caching allocator already reuses memory."""
-        if w.device.type != "cpu" or jemalloc_keeps_freed_pages():
+        if w.device.type != "cpu" or malloc_keeps_freed_pages():
             return cls(m, chunk, w, acc)
         key = (tuple(w.shape), w.dtype, acc, chunk)
         if cls._kept is None or cls._kept[0] != key:
@@ -162,6 +163,12 @@ class _ChunkBuffers:
             else:
                 self._weight_product = (torch.empty_like(w), torch.empty_like(w, dtype=self.logits.dtype))
         return self._weight_product
+
+
+@functools.cache
+def malloc_keeps_freed_pages() -> bool:
+    """Whether this process's malloc keeps freed pages for reuse (asked once: it cannot change while it runs)."""
+    return bool(jemalloc_keeps_freed_pages())
 
 
 def release_chunk_buffers() -> None:

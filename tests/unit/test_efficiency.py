@@ -5,7 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from orpo_ray.forward.chunked_lm_head import LmHead, chunked_target_logps, release_chunk_buffers
+from orpo_ray.forward.chunked_lm_head import (
+    LmHead,
+    chunked_target_logps,
+    malloc_keeps_freed_pages,
+    release_chunk_buffers,
+)
 from orpo_ray.config import Config, EfficiencySection, ModelSection, OrpoSection, TinyModelSection
 from orpo_ray.forward.layouts import make_collate, make_policy_loss
 from orpo_ray.objectives import build_objective
@@ -178,9 +183,7 @@ def test_cpu_lm_head_calls_keep_their_chunk_buffers_until_released():
     """glibc (this test process's malloc) returns the pages of a freed tensor of 8 MB or more to the OS at once, so
     the lm-head keeps its chunk buffers from one call to the next on a CPU (`_ChunkBuffers.for_call`) instead of
     page-faulting them in again every step; the results do not depend on what the buffers held before."""
-    from orpo_ray.forward import chunked_lm_head
-
-    assert not chunked_lm_head.jemalloc_keeps_freed_pages()
+    assert not malloc_keeps_freed_pages()
     first = _chunk_sized_allocations(2, bf16=True, bias=False)
     assert first > 0
     again = _chunk_sized_allocations(2, bf16=True, bias=False, release=False)
@@ -209,7 +212,7 @@ def test_under_a_malloc_that_keeps_freed_pages_nothing_is_kept_between_calls(mon
     backward's next allocations (a lower peak) without faulting in again."""
     from orpo_ray.forward import chunked_lm_head
 
-    monkeypatch.setattr(chunked_lm_head, "jemalloc_keeps_freed_pages", lambda: True)
+    monkeypatch.setattr(chunked_lm_head, "malloc_keeps_freed_pages", lambda: True)
     first = _chunk_sized_allocations(2, bf16=True, bias=False)
     assert first > 0
     assert _chunk_sized_allocations(2, bf16=True, bias=False, release=False) == first
