@@ -40,15 +40,15 @@ def ray_train_loop(config: dict) -> None:
     controller import this module too (the controller to unpickle this function), and neither builds a model.
     transformers' model classes bring torch's compiler stack with them: ~4 s and ~200 MB per process on 2 cores.
     """
-    import torch
-
     from orpo_ray.launch.ray_runtime import RayRuntime
+    from orpo_ray.threads import use_compute_threads
     from orpo_ray.train.loop import train_loop_per_worker
 
     cfg, extras = split_loop_config(config)
     quiet_ray_data()
-    # make_trainer resolved 'auto'; torch's intra-op pool then matches the CPUs Ray reserved for this worker.
-    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    # make_trainer resolved 'auto'; torch's intra-op pool then matches the CPUs Ray reserved for this worker, set
+    # so that MKL keeps its dynamic threading (threads.py: a plain torch.set_num_threads cost 15-20% here).
+    use_compute_threads(cfg.scaling.cpus_per_worker)
     train_loop_per_worker(config, runtime=RayRuntime(cfg, extras))
 
 
