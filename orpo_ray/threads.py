@@ -20,13 +20,11 @@ Pure module: torch and ctypes only.
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
 
-@functools.cache
 def _mkl_set_dynamic():
     """MKL's C `MKL_Set_Dynamic(int)`, linked into libtorch_cpu; None where torch has no MKL (e.g. aarch64)."""
     if not torch.backends.mkl.is_available():
