@@ -314,7 +314,8 @@ def run_bench(cfg: Config) -> dict:
     inputs = prepare_inputs(cfg, work)
     timed_flops = sum(inputs["step_flops"][1:])
     timed_pairs = (cfg.train.max_steps - 1) * cfg.train.per_device_batch_size
-    legs = {leg["name"]: {"name": leg["name"], "kind": leg["kind"]} for leg in cfg.bench.legs}
+    legs = {leg["name"]: {"name": leg["name"], "kind": leg["kind"], "ray": bool(leg.get("ray"))}
+            for leg in cfg.bench.legs}
     specs = []
     for leg in cfg.bench.legs:
         slow_bf16 = leg.get("precision") == "bf16" and not cfg.scaling.use_gpu and not cpu_has_fast_bf16()
@@ -370,6 +371,8 @@ def _ratios(legs: list[dict]) -> dict:
               "speedup_pairs_per_second": best["pairs_per_second"] / best_trl["pairs_per_second"],
               "peak_rss_ratio": best["peak_rss_mb"] / best_trl["peak_rss_mb"],
               "peak_rss_ratio_vs_smallest_trl": best["peak_rss_mb"] / min(r["peak_rss_mb"] for r in trl)}
+    for r in (r for r in ours if r.get("ray")):
+        ratios.setdefault("through_ray", {})[r["name"]] = _through_ray(r, best_trl, ours)
     trl32 = next((r for r in trl if r["precision"] == "fp32"), None)
     for r in ours:
         # TRL logged loss 0.0 on bench.pairs=consecutive (truncated HH pairs): no relative difference to take.
@@ -380,6 +383,22 @@ def _ratios(legs: list[dict]) -> dict:
                 "max_step_relative_difference": max(abs(a - b) / abs(b) for a, b in
                                                     zip(r["losses"][:n], trl32["losses"][:n]))}
     return ratios
+
+
+def _through_ray(ray_leg: dict, best_trl: dict, ours: list[dict]) -> dict:
+    """A leg trained through Ray against TRL's best leg and against its in-process twin (same overrides, same
+    precision as resolved): how `orpo-ray train` users fare, and what Ray costs. Besides fastest against fastest,
+    the ratio of each round's two runs: they ran minutes apart, so a drift of the machine between rounds, which can
+    make one leg's fastest run come from a faster spell than the other's, cancels out."""
+    out = {"speedup_vs_best_trl": ray_leg["pairs_per_second"] / best_trl["pairs_per_second"],
+           "peak_rss_vs_best_trl": ray_leg["peak_rss_mb"] / best_trl["peak_rss_mb"]}
+    twin = next((r for r in ours if not r.get("ray") and r["precision"] == ray_leg["precision"]
+                 and sorted(r.get("overrides") or []) == sorted(ray_leg.get("overrides") or [])), None)
+    if twin is not None:
+        out.update(in_process_leg=twin["name"], vs_in_process=ray_leg["pairs_per_second"] / twin["pairs_per_second"],
+                   vs_in_process_by_round=[a / b for a, b in zip(ray_leg.get("pairs_per_second_runs") or [],
+                                                                   twin.get("pairs_per_second_runs") or []) if a and b])
+    return out
 
 
 def _row(r: dict) -> str:

@@ -37,3 +37,30 @@ def test_at_least_one_round(monkeypatch):
     calls = _fake_runs(monkeypatch)
     bench.run_rounds([{"name": "a"}], Path("."), repeats=0)
     assert calls == [("a", 0)]
+
+
+def _leg(name, kind, precision, pps_runs, peak, ray=False, overrides=()):
+    return {"name": name, "kind": kind, "precision": precision, "ray": ray, "overrides": list(overrides),
+            "pairs_per_second": max(pps_runs), "pairs_per_second_runs": list(pps_runs), "peak_rss_mb": peak,
+            "losses": [2.0, 1.5]}
+
+
+def test_through_ray_figures_against_best_trl_and_the_in_process_twin():
+    legs = [_leg("trl-fp32", "trl", "fp32", [4.0], 2000.0), _leg("trl-bf16", "trl", "bf16", [5.0, 4.5], 2500.0),
+            # same precision, other switches: faster, but not the Ray leg's twin
+            _leg("orpo-plain-fp32", "orpo", "fp32", [30.0, 31.0], 2100.0, overrides=["efficiency.packing=false"]),
+            _leg("orpo-defaults-fp32", "orpo", "fp32", [20.0, 24.0], 700.0),
+            _leg("orpo-defaults-ray", "orpo", "fp32", [18.0, 22.0], 900.0, ray=True),
+            _leg("orpo-bf16-ray", "orpo", "bf16", [10.0], 950.0, ray=True)]  # no in-process bf16 leg
+    ratios = bench._ratios(legs)
+    ray = ratios["through_ray"]["orpo-defaults-ray"]
+    assert ray["speedup_vs_best_trl"] == 22.0 / 5.0 and ray["peak_rss_vs_best_trl"] == 900.0 / 2500.0
+    assert ray["in_process_leg"] == "orpo-defaults-fp32" and ray["vs_in_process"] == 22.0 / 24.0
+    assert ray["vs_in_process_by_round"] == [18.0 / 20.0, 22.0 / 24.0]
+    assert ratios["through_ray"]["orpo-bf16-ray"] == {"speedup_vs_best_trl": 2.0, "peak_rss_vs_best_trl": 0.38}
+    assert ratios["best_orpo"] == "orpo-plain-fp32"  # the headline ratio is unchanged: the fastest leg of ours
+
+
+def test_no_ray_leg_no_through_ray_entry():
+    legs = [_leg("trl-fp32", "trl", "fp32", [4.0], 2000.0), _leg("orpo-defaults-fp32", "orpo", "fp32", [20.0], 700.0)]
+    assert "through_ray" not in bench._ratios(legs)
