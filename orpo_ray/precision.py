@@ -10,6 +10,7 @@ Pure module: torch only.
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -65,6 +66,8 @@ def hardware_summary() -> dict:
         "cuda": torch.cuda.is_available(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # the process's own: in results.json the training worker's (Ray starts its workers at 15: ScalingSection)
+        "niceness": os.nice(0),
     }
 
 

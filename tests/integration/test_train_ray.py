@@ -115,6 +115,12 @@ def test_local_run_follows_the_one_worker_ray_trajectory(runs, tmp_path):
     assert local["eval"]["eval_loss"] == pytest.approx(ray_run["eval"]["eval_loss"], rel=1e-6)
 
 
+def test_results_record_the_niceness_the_workers_trained_at(runs):
+    """Ray starts its worker processes at niceness 15 (RAY_worker_niceness), below its raylet, GCS and the driver
+    (0); results.json records the worker's own (README, Performance: running them at 0 was measured, no faster)."""
+    assert runs["one"]["hardware"]["niceness"] == runs["two"]["hardware"]["niceness"] == 15
+
+
 def test_reports_checkpoints_and_export(runs):
     reports = read_reports(runs["base"] / "two_reports.jsonl")
     # Ray gets checkpoints and evaluations only (eval_interval=0: the final one), from both ranks; per-step
