@@ -66,7 +66,7 @@ def hardware_summary() -> dict:
         "cuda": torch.cuda.is_available(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        # the process's own: in results.json the training worker's (Ray starts its workers at 15: ScalingSection)
+        # the process's own: in results.json the training worker's (Ray starts its workers at 15; README, Performance)
         "niceness": os.nice(0),
     }
 
