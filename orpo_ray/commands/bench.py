@@ -158,7 +158,8 @@ def run_orpo_leg(spec: dict) -> dict:
     losses = [h["loss"] for h in history if "loss" in h]
     return {"pairs_per_second": results["pairs_per_second"], "tokens_per_second": results["tokens_per_second"],
             "losses": losses, "precision": results["precision"], "world_size": results["world_size"],
-            "fast_path": results.get("fast_path"), "worker_peak_rss_mb": results["peak_rss_mb"]}
+            "fast_path": results.get("fast_path"), "worker_peak_rss_mb": results["peak_rss_mb"],
+            "cpu_wait": results.get("cpu_wait")}
 
 
 def trl_trainer_for(cfg: Config) -> tuple[type, type, dict]:
@@ -339,6 +340,8 @@ def run_bench(cfg: Config) -> dict:
         r.update({"overrides": overrides[name], **max(runs, key=lambda x: x["pairs_per_second"] or 0.0),
                   "pairs_per_second_runs": [x["pairs_per_second"] for x in runs],
                   "started_at_runs": [x["started_at"] for x in runs],
+                  # the Ray tax, round by round: the share of time the trainer's threads waited for a CPU (cpu_wait.py)
+                  "cpu_wait_share_runs": [(x.get("cpu_wait") or {}).get("share") for x in runs],
                   "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)})
         r["final_loss"] = r["losses"][-1] if r["losses"] else None
         r["gflops"] = timed_flops / (timed_pairs / r["pairs_per_second"]) / 1e9 if r["pairs_per_second"] else None
@@ -402,8 +405,10 @@ def _through_ray(ray_leg: dict, best_trl: dict, ours: list[dict]) -> dict:
 
 
 def _row(r: dict) -> str:
+    wait = (r.get("cpu_wait") or {}).get("share")
     return (f"{r['name']:24s} {r['pairs_per_second']:8.2f} pairs/s {r['tokens_per_second']:9.0f} tok/s "
-            f"{r['peak_rss_mb']:7.0f} MB  loss {r['final_loss']:.4f}  {r['gflops']:6.1f} GFLOP/s")
+            f"{r['peak_rss_mb']:7.0f} MB  loss {r['final_loss']:.4f}  {r['gflops']:6.1f} GFLOP/s"
+            + (f"  CPU wait {wait:.1%}" if wait is not None else ""))
 
 
 def _table(report: dict) -> str:

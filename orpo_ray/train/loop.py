@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from orpo_ray.config import Config, split_loop_config
 from orpo_ray.console import progress_interval
+from orpo_ray.cpu_wait import ThreadWaitMeter
 from orpo_ray.data.tokenize import use_chat_template
 from orpo_ray.forward.chunked_lm_head import release_chunk_buffers
 from orpo_ray.forward.fast_path import resolve_fast_path
@@ -134,10 +135,13 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
     nll_on_prompt = objective.nll_on_prompt
     collate = make_collate(cfg, pad_id, matmul_rows(engine.model, precision, runtime.device))
     policy_loss = make_policy_loss(cfg, objective)
+    cpu_wait = ThreadWaitMeter()  # the timed steps' wait for a CPU (the Ray tax, cpu_wait.py); outside the timing
     wall_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=objective.name, disable=not (is_main and t.progress_bar),
                file=sys.stdout, dynamic_ncols=True, mininterval=progress_interval(sys.stdout))
     for step in range(start_step, total_steps):
+        if step > start_step:
+            cpu_wait.begin()
         step_start = time.perf_counter()
         engine.model.train()
         micro_batches = [to_device(collate(next(micro_iter)), runtime.device)
@@ -159,6 +163,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
             timed_steps += 1
             timed_tokens += step_tokens
             timed_seconds += time.perf_counter() - step_start
+            cpu_wait.end()
 
         if t.fail_at_step is not None and done == t.fail_at_step and is_main and not extras.get("no_fault"):
             _inject_fault(cfg, done)
@@ -214,6 +219,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         "tokens_per_second": all_tokens / timed_seconds if timed_seconds else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "peak_rss_mb": peak_rss_mb(),
+        "cpu_wait": cpu_wait.summary(timed_seconds),
         "quarantined": data_stats["quarantined"],
         "data": data_stats,
         "precision": precision,

@@ -121,6 +121,14 @@ def test_results_record_the_niceness_the_workers_trained_at(runs):
     assert runs["one"]["hardware"]["niceness"] == runs["two"]["hardware"]["niceness"] == 15
 
 
+def test_results_record_how_long_the_trainers_threads_waited_for_a_cpu(runs):
+    """results.json's cpu_wait (orpo_ray/cpu_wait.py): the Ray tax of #14 in the worker's own schedstat."""
+    for name in ("one", "two"):
+        wait = runs[name]["cpu_wait"]
+        assert 0 <= wait["share"] < 1 and wait["run_seconds"] > 0 and wait["switches_per_second"] > 0, wait
+        assert wait["wait_seconds"] == pytest.approx(wait["share"] * (wait["run_seconds"] + wait["wait_seconds"]))
+
+
 def test_reports_checkpoints_and_export(runs):
     reports = read_reports(runs["base"] / "two_reports.jsonl")
     # Ray gets checkpoints and evaluations only (eval_interval=0: the final one), from both ranks; per-step
