@@ -4,7 +4,7 @@ Why. With torch's OpenMP threads on every core (a one-worker run on a machine, o
 wakes up there - Ray's raylet, GCS and helper actors, the worker's own RPC threads, a browser - takes a core from
 one compute thread, and the other one waits for it at the next barrier. That is the "Ray tax" of #14: measured on a
 2-core AMD EPYC (bf16, the 8k bench model), over 11 steps the two compute threads of a Ray Train worker were
-switched out ~2,700-3,400 times each, against ~55-200 in-process, and spent 0.3-0.5 s each runnable but off the CPU;
+switched in 2,655 and 3,444 times, against 55 and 190 in-process, and spent 0.41 and 0.53 s runnable but off the CPU;
 an in-process run beside eight small processes waking 100 times a second slowed the same way. Pairs/s alone cannot
 tell this from a slower host (the same VM's speed drifts 1.5x within an hour); the wait can: it is time the kernel
 kept a thread that was ready to run off the CPU.

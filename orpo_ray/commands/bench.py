@@ -341,7 +341,7 @@ def run_bench(cfg: Config) -> dict:
                   "pairs_per_second_runs": [x["pairs_per_second"] for x in runs],
                   "started_at_runs": [x["started_at"] for x in runs],
                   # the Ray tax, round by round: the share of time the trainer's threads waited for a CPU (cpu_wait.py)
-                  "cpu_wait_share_runs": [(x.get("cpu_wait") or {}).get("share") for x in runs],
+                  "cpu_wait_share_runs": [_cpu_wait_share(x) for x in runs],
                   "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)})
         r["final_loss"] = r["losses"][-1] if r["losses"] else None
         r["gflops"] = timed_flops / (timed_pairs / r["pairs_per_second"]) / 1e9 if r["pairs_per_second"] else None
@@ -404,8 +404,13 @@ def _through_ray(ray_leg: dict, best_trl: dict, ours: list[dict]) -> dict:
     return out
 
 
+def _cpu_wait_share(run: dict) -> float | None:
+    """An orpo run's cpu_wait share; None for TRL's runs and where the kernel keeps no schedstat."""
+    return (run.get("cpu_wait") or {}).get("share")
+
+
 def _row(r: dict) -> str:
-    wait = (r.get("cpu_wait") or {}).get("share")
+    wait = _cpu_wait_share(r)
     return (f"{r['name']:24s} {r['pairs_per_second']:8.2f} pairs/s {r['tokens_per_second']:9.0f} tok/s "
             f"{r['peak_rss_mb']:7.0f} MB  loss {r['final_loss']:.4f}  {r['gflops']:6.1f} GFLOP/s"
             + (f"  CPU wait {wait:.1%}" if wait is not None else ""))
