@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _restart_under_the_workers_allocator(cfg) -> None:
     """`train --local` from the command line runs on the malloc a local Ray instance's workers get (jemalloc by
-    default, orpo_ray/allocator.py), so the two ways of running train alike: a process picks its malloc when it
-    starts, so this one starts again, same interpreter and arguments, with the library preloaded. Once it is
-    preloaded (or the user exported an LD_PRELOAD), the new process keeps what it has."""
+    default, orpo_ray/allocator.py) and with their OpenMP spin count (orpo_ray/omp_wait.py), so the two ways of
+    running train alike: a process reads both when it starts, so this one starts again, same interpreter and
+    arguments, with them in its environment. Once it has them (or the user exported their own), the new process
+    keeps what it has."""
     import os
 
     from orpo_ray.launch.session import local_process_env

@@ -290,6 +290,12 @@ class ScalingSection:
         "for reuse (allocator.JEMALLOC_CONF) unless MALLOC_CONF is exported. 'system': the process's own "
         "malloc. 'auto': jemalloc on the local instance a run starts, the system's on a cluster (the library's path "
         "is this machine's) or when LD_PRELOAD is exported. `train --local` restarts itself under the same preload.")
+    omp_spin_count: Union[int, Literal["auto"]] = _f(
+        "auto", "How long a training process's OpenMP threads spin at a barrier before they sleep (GOMP_SPINCOUNT, "
+        "set in the environment the Ray workers and `train --local` start with; orpo_ray/omp_wait.py). 'auto': "
+        "10000 unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is exported (then theirs): libgomp's own 300000 lets a "
+        "thread spin for as long as Ray's processes keep its partner off a core (8k bench through Ray, 2 cores: "
+        "~20.4 pairs/s with it, ~23 with 10000; in-process unchanged). An int: that count (0: sleep at once).")
     max_failures: int = _f(1, "Worker-group restarts Ray Train may do (resuming from the last checkpoint).")
     memory_per_worker_gb: Optional[float] = _f(
         None, "Memory one worker may use, for `orpo-ray plan`'s warning: null means the GPU's memory (use_gpu, when a "
@@ -435,6 +441,8 @@ class Config:
                            ("scaling.cpus_per_worker", self.scaling.resolved_cpus(None))):
             if value < 1:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {value}")
+        if self.scaling.omp_spin_count != "auto" and self.scaling.omp_spin_count < 0:
+            raise ConfigError(f"{where}: scaling.omp_spin_count must be 'auto' or >= 0, got {self.scaling.omp_spin_count}")
         if self.tracking.system_metrics_interval_s <= 0:
             raise ConfigError(f"{where}: tracking.system_metrics_interval_s must be > 0, got "
                               f"{self.tracking.system_metrics_interval_s}")

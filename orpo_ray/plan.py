@@ -17,6 +17,7 @@ import torch
 from orpo_ray.allocator import active_allocator
 from orpo_ray.config import Config
 from orpo_ray.forward.fast_path import SWITCHES
+from orpo_ray.omp_wait import active as active_spin_count
 from orpo_ray.precision import select_precision
 from orpo_ray.train.engine import estimate_model_states_bytes
 
@@ -63,10 +64,11 @@ def _torch_engine_line(cfg: Config, workers: int) -> str:
 
 
 def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_deepspeed: bool,
-                 device: torch.device | str, world_size: int | None = None, allocator: str | None = None) -> dict:
+                 device: torch.device | str, world_size: int | None = None, allocator: str | None = None,
+                 omp_spin_count: str | None = None) -> dict:
     """The run as it will execute. `shape`: see `model_shape`. `world_size`: the workers that actually run (1 for
     an in-process run), else scaling.num_workers. `allocator`: the workers' malloc as planned; None: this
-    process's own (a worker reports what it runs on)."""
+    process's own (a worker reports what it runs on); `omp_spin_count` likewise (omp_wait.py)."""
     s, d, e, t = cfg.scaling, cfg.deepspeed, cfg.efficiency, cfg.train
     workers = world_size or s.num_workers
     precision, reason = select_precision(t.precision, device)
@@ -88,6 +90,7 @@ def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_de
         "precision": f"{precision} ({reason})",
         "attention": cfg.model.attn_implementation,
         "allocator": allocator or active_allocator(),
+        "omp_spin_count": omp_spin_count or active_spin_count(os.environ),
         "fast_path": {**{k: getattr(e, k) for k in SWITCHES}, "lm_head": e.lm_head},
         "data": {"train": d_source(cfg, "train"), "eval": d_source(cfg, "eval"),
                  "max_length": cfg.data.max_length},
@@ -126,7 +129,7 @@ def format_plan(plan: dict) -> str:
     lines = [
         f"[orpo-ray] plan: {plan['workers']} worker(s) x {plan['resources_per_worker']} on {plan['device']} "
         f"({plan['backend']}) | {plan['engine']} | precision {plan['precision']} | attention {plan['attention']} "
-        f"| malloc {plan['allocator']}",
+        f"| malloc {plan['allocator']} | OpenMP spin {plan['omp_spin_count']}",
         f"[orpo-ray] plan: fast path {plan['fast_path']} | global batch {plan['global_batch_pairs']} pairs | "
         f"parameters {plan['parameters']['trainable']:,} trainable / {plan['parameters']['total']:,}",
         f"[orpo-ray] plan: data train={plan['data']['train']} | eval={plan['data']['eval']} | "

@@ -4,12 +4,14 @@ device (no weights loaded, nothing allocated), so a 7B config can be planned on 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
 from orpo_ray.config import Config
 from orpo_ray.launch.session import run_allocator
 from orpo_ray.modeling import apply_lora, build_tiny_model, parameter_counts
+from orpo_ray.omp_wait import describe as describe_spin_count
 from orpo_ray.plan import format_plan, model_shape, resolve_plan
 from orpo_ray.tokenizer import load_tokenizer
 
@@ -35,7 +37,8 @@ def run_plan(cfg: Config, *, local: bool = False) -> dict:
     a = run_allocator(cfg, local_instance=local or not cfg.scaling.cluster_address())
     plan = resolve_plan(cfg, shape=model_shape(model, cfg.model.attn_implementation, device), trainable=trainable,
                         total=total, use_deepspeed=cfg.deepspeed.resolved(cfg.scaling.num_workers) and not local,
-                        device=device, allocator=f"{a.name} ({a.reason})")
+                        device=device, allocator=f"{a.name} ({a.reason})",
+                        omp_spin_count=describe_spin_count(cfg.scaling.omp_spin_count, os.environ))
     print(format_plan(plan))
     print(json.dumps(plan, indent=1))
     return plan

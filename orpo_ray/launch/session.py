@@ -11,6 +11,7 @@ from orpo_ray import CACHE_BOUNDS
 from orpo_ray.allocator import WorkerAllocator, bundled_jemalloc, worker_allocator
 from orpo_ray.config import Config
 from orpo_ray.console import VERBOSE_ENV, verbose
+from orpo_ray.omp_wait import omp_wait_env
 from orpo_ray.output_staging import OUTPUT_HOST_ENV, OUTPUT_URI_ENV
 
 
@@ -86,17 +87,18 @@ def ensure_ray(cfg: Config, dashboard: bool | None = None) -> None:
     if ray.is_initialized():
         return
     address = cfg.scaling.cluster_address()
-    # The job's runtime env reaches every worker it starts (Ray Train's and Ray Data's), before their first malloc.
-    allocator_env = run_allocator(cfg, local_instance=not address).env(os.environ)  # LD_PRELOAD, MALLOC_CONF
+    # The job's runtime env reaches every worker it starts (Ray Train's and Ray Data's), before their first malloc
+    # and before libgomp loads.
+    start_env = process_start_env(cfg, local_instance=not address)
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu) | allocator_env},
+        ray.init(address=address, runtime_env={"env_vars": worker_env(address, cfg.scaling.use_gpu) | start_env},
                  log_to_driver=True)
     else:
         # A local instance: pick its GCS port here so the workers can be told the address (see worker_env).
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts a head node
         address_env = worker_env(f"{ray.util.get_node_ip_address()}:{port}", cfg.scaling.use_gpu)
-        runtime_env = {"env_vars": address_env | allocator_env}
+        runtime_env = {"env_vars": address_env | start_env}
         dashboard = cfg.scaling.local_dashboard if dashboard is None else dashboard
         if not dashboard:
             runtime_env["worker_process_setup_hook"] = f"{__name__}.{quiet_placement_group_cleaner.__name__}"
@@ -114,11 +116,19 @@ def run_allocator(cfg: Config, *, local_instance: bool) -> WorkerAllocator:
                             inherited_preload=os.environ.get("LD_PRELOAD"), library=bundled_jemalloc())
 
 
+def process_start_env(cfg: Config, *, local_instance: bool) -> dict:
+    """What a training process must have in its environment when it starts, as it is read only then: its malloc
+    (LD_PRELOAD, MALLOC_CONF; scaling.allocator) and its OpenMP threads' spin at a barrier (GOMP_SPINCOUNT;
+    scaling.omp_spin_count)."""
+    return (run_allocator(cfg, local_instance=local_instance).env(os.environ)
+            | omp_wait_env(cfg.scaling.omp_spin_count, os.environ))
+
+
 def local_process_env(cfg: Config) -> dict | None:
     """The environment an in-process run (`train --local`, the bench's in-process legs) starts under so that its
-    one process gets the malloc a local instance's workers get; None when this process should keep its own (the
-    library is already preloaded, the user exported an LD_PRELOAD, or scaling.allocator says so)."""
-    wanted = run_allocator(cfg, local_instance=True).env(os.environ)
+    one process starts as a local instance's workers do (process_start_env); None when this process already has
+    it (restarted once, or the user's own LD_PRELOAD / GOMP_SPINCOUNT kept, or the settings ask for nothing)."""
+    wanted = process_start_env(cfg, local_instance=True)
     if all(os.environ.get(k) == v for k, v in wanted.items()):
         return None
     return {**os.environ, **wanted}

@@ -41,7 +41,7 @@ def test_the_preemption_watcher_switch_and_cleaner_logger_are_ray_trains_own():
 def demo_run(tmp_path_factory):
     """`orpo-ray train` as `make demo` runs it (2 steps): its console and results.json."""
     out = tmp_path_factory.mktemp("driver_log") / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     cmd = [sys.executable, "-m", "orpo_ray.cli", "train", DEMO, *TINY, "train.max_steps=2", f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,7 +54,15 @@ def test_the_worker_runs_on_rays_bundled_jemalloc(demo_run):
     jemalloc reports that it keeps freed pages)."""
     assert demo_run["results"]["plan"]["allocator"] == "jemalloc (keeps freed pages)"
     plan = [line for line in demo_run["console"].splitlines() if "[orpo-ray] plan:" in line and "| malloc" in line]
-    assert len(plan) == 1 and plan[0].endswith("| malloc jemalloc (keeps freed pages)"), plan
+    assert len(plan) == 1 and "| malloc jemalloc (keeps freed pages) |" in plan[0], plan
+
+
+def test_the_worker_starts_with_the_openmp_spin_count_of_the_run(demo_run):
+    """scaling.omp_spin_count: auto -> GOMP_SPINCOUNT=10000 in the job's runtime env, so in the Ray Train worker's
+    environment when it started (libgomp reads it then; test_objectives_train checks libgomp honours it)."""
+    assert demo_run["results"]["plan"]["omp_spin_count"] == "10000"
+    plan = [line for line in demo_run["console"].splitlines() if "[orpo-ray] plan:" in line and "| malloc" in line]
+    assert plan[0].endswith("| OpenMP spin 10000"), plan
 
 
 def test_worker_lines_reach_the_driver_once(demo_run):

@@ -42,6 +42,7 @@ def test_job_submit_trains_and_writes_results(ray_cluster, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["num_steps"] == 6 and results["world_size"] == 1 and results["resumed_from_step"] == 0
     assert results["plan"]["allocator"] == "system"  # scaling.allocator: auto keeps a cluster's own malloc
+    assert results["plan"]["omp_spin_count"] == "10000"  # but the spin count goes into the job's runtime env
     assert (out / "model" / "model.safetensors").exists()
     logs = subprocess.run([RAY, "job", "logs", "--address", ray_cluster["dashboard"], job_id],
                           env=env, capture_output=True, text=True, timeout=120).stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,17 +34,23 @@ def _assert_finite_metrics(results: dict, objective: str) -> None:
 @pytest.mark.parametrize("objective, allocator", [("simpo", "auto"), ("cpo", "system")])
 def test_cli_local_run(objective, allocator, tmp_path):
     """`train --local` from the command line restarts itself on the malloc a local instance's workers get
-    (scaling.allocator: auto -> Ray's jemalloc), as the process's own memory map says; `system` keeps glibc's."""
+    (scaling.allocator: auto -> Ray's jemalloc), as the process's own memory map says; `system` keeps glibc's.
+    Either way with their OpenMP spin count (scaling.omp_spin_count: auto), which libgomp reports it runs with
+    (OMP_DISPLAY_ENV prints its settings as it loads, in each process that loads it: the last is the one that trained)."""
     out = tmp_path / objective
     cmd = [sys.executable, "-m", "orpo_ray.cli", "train", f"configs/{objective}_demo.yaml", "--local", *TINY,
            f"output_dir={out}", f"scaling.allocator={allocator}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")} | {"PYTHONPATH": str(ROOT)}
+    env = ({k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+           | {"PYTHONPATH": str(ROOT), "OMP_DISPLAY_ENV": "VERBOSE"})
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     _assert_finite_metrics(results, objective)
     assert results["num_steps"] == 6
     assert results["plan"]["allocator"] == {"auto": "jemalloc (keeps freed pages)", "system": "system"}[allocator]
+    assert results["plan"]["omp_spin_count"] == "10000"
+    spin_counts = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", proc.stdout + proc.stderr)
+    assert spin_counts and spin_counts[-1] == "10000", spin_counts
 
 
 def test_ray_train_run(_ray_local_session, tmp_path):

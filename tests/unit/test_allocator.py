@@ -152,6 +152,7 @@ def test_an_in_process_run_starts_under_the_workers_allocator(monkeypatch, overr
     else:
         monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setenv("MALLOC_CONF", JEMALLOC_CONF)  # as a restarted process has it
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # so has its OpenMP spin count (test_omp_wait.py)
     env = local_process_env(load_config(None, overrides))
     assert (env is not None) is preloaded
     if env is not None:
@@ -164,6 +165,7 @@ def test_an_in_process_run_restarts_for_the_allocators_settings_too(monkeypatch)
     from orpo_ray.launch.session import local_process_env
 
     monkeypatch.setenv("LD_PRELOAD", bundled_jemalloc())
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
     monkeypatch.delenv("MALLOC_CONF", raising=False)
     assert local_process_env(load_config(None, ["scaling.allocator=jemalloc"]))["MALLOC_CONF"] == JEMALLOC_CONF
     monkeypatch.setenv("MALLOC_CONF", "narenas:2")
