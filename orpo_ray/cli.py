@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "train" and args.local and argv is None:
-        _restart_under_the_workers_allocator(cfg)
+        _restart_as_the_workers_start(cfg)
 
     from orpo_ray.output_staging import staged_output
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _restart_under_the_workers_allocator(cfg) -> None:
+def _restart_as_the_workers_start(cfg) -> None:
     """`train --local` from the command line runs on the malloc a local Ray instance's workers get (jemalloc by
     default, orpo_ray/allocator.py) and with their OpenMP spin count (orpo_ray/omp_wait.py), so the two ways of
     running train alike: a process reads both when it starts, so this one starts again, same interpreter and

@@ -26,7 +26,7 @@ from typing import Mapping, Union
 SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 AUTO_SPIN_COUNT = 10_000  # see the module docstring for the measurements behind it
-LIBGOMP_DEFAULT_SPIN_COUNT = 300_000  # libgomp's own, without OMP_WAIT_POLICY (what the plan shows when exported)
+LIBGOMP_DEFAULT_SPIN_COUNT = 300_000  # libgomp's own when neither variable is set (what `active` then reports)
 
 
 def omp_wait_env(setting: Union[int, str], exported: Mapping[str, str]) -> dict[str, str]:

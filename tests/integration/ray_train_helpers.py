@@ -27,6 +27,16 @@ SWEEP = ["tune.beta=[0.1,1.0]", "tune.learning_rate=[3e-3,1e-6]", "tune.metric=e
 REVIEW_EXPERIMENT = "ui-review"  # the experiment of conftest's `reviewed_runs`
 
 
+# What a run puts into the processes it starts (session.process_start_env): a test that checks the run's own choice
+# starts the CLI without any the test process may have been given.
+START_SETTINGS = ("LD_PRELOAD", "MALLOC_CONF", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def env_without_start_settings() -> dict[str, str]:
+    """This process's environment less START_SETTINGS."""
+    return {k: v for k, v in os.environ.items() if k not in START_SETTINGS}
+
+
 def losses(output_dir) -> dict[int, float]:
     """step -> train loss from history.json (written by the run's final attempt)."""
     rows = json.loads((Path(output_dir) / "history.json").read_text())

@@ -3,7 +3,6 @@ Ray Train worker prints reaches the driver's console once (Ray Train's print pat
 stdout and stderr, and Ray forwarded both)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.ray_train_helpers import DEMO, TINY
+from tests.integration.ray_train_helpers import DEMO, TINY, env_without_start_settings
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +40,7 @@ def test_the_preemption_watcher_switch_and_cleaner_logger_are_ray_trains_own():
 def demo_run(tmp_path_factory):
     """`orpo-ray train` as `make demo` runs it (2 steps): its console and results.json."""
     out = tmp_path_factory.mktemp("driver_log") / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env = env_without_start_settings()
     cmd = [sys.executable, "-m", "orpo_ray.cli", "train", DEMO, *TINY, "train.max_steps=2", f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

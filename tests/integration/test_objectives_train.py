@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from orpo_ray.config import load_config, with_absolute_paths
 from orpo_ray.launch.trainer import run_training
 from orpo_ray.launch.tune import run_sweep
 from orpo_ray.objectives import get_objective
-from tests.integration.ray_train_helpers import ROOT, TINY
+from tests.integration.ray_train_helpers import ROOT, TINY, env_without_start_settings
 
 pytestmark = pytest.mark.integration
 
@@ -40,8 +39,7 @@ def test_cli_local_run(objective, allocator, tmp_path):
     out = tmp_path / objective
     cmd = [sys.executable, "-m", "orpo_ray.cli", "train", f"configs/{objective}_demo.yaml", "--local", *TINY,
            f"output_dir={out}", f"scaling.allocator={allocator}"]
-    env = ({k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-           | {"PYTHONPATH": str(ROOT), "OMP_DISPLAY_ENV": "VERBOSE"})
+    env = env_without_start_settings() | {"PYTHONPATH": str(ROOT), "OMP_DISPLAY_ENV": "VERBOSE"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
