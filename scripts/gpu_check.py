@@ -1,12 +1,14 @@
-"""GPU check: CUDA-capable unit tests, fp32 log-probs under bf16 autocast, fast path == plain, and a short training
-of a ~100M-parameter random-init Llama (plain vs fast path, the fast path with Liger's fused lm-head where
-liger-kernel is importable, TRL's ORPOTrainer where importable), then ONE JSON
-summary on the last line of stdout (format: README, "GPU check").
+"""GPU check: CUDA-capable unit tests, the family matrix (fast == plain) on the device, fp32 log-probs under bf16
+autocast, fast path == plain, and a short training of a ~100M-parameter random-init Llama (plain vs fast path, the
+fast path with Liger's fused lm-head where liger-kernel is importable, the fast path through Ray Train with
+DeepSpeed ZeRO-2 as `orpo-ray train` runs it where ray and deepspeed are importable, TRL's ORPOTrainer where
+importable), then ONE JSON summary on the last line of stdout (format: README, "GPU check").
 
     bash scripts/gpu_check.sh            # on a machine with one CUDA GPU (torch + transformers suffice)
     bash scripts/gpu_check.sh --cpu      # dry run on CPU with a tiny model: proves the script works end to end
 
-Everything it could not do is listed under "skipped" with the reason; nothing is skipped silently.
+Everything it could not do is listed under "skipped" with the reason, and everything that failed under "errors"
+with the end of its traceback (the other legs still run: a device lease is too short to lose to one leg).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,6 +35,8 @@ from orpo_ray.forward.liger_lm_head import liger_problem  # noqa: E402 - after t
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
                     "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0}
 # Pure-torch unit tests that exercise the rules a GPU run depends on (they run on whatever device is present).
+# FAMILY_TESTS run again with ORPO_TEST_DEVICE set to the device: every family's fast path == plain path there.
+FAMILY_TESTS = ["tests/unit/test_families.py"]
 UNIT_TESTS = ["tests/unit/test_gpu_rules.py", "tests/unit/test_logprobs.py", "tests/unit/test_loss.py",
               "tests/unit/test_efficiency.py", "tests/unit/test_precision.py", "tests/unit/test_liger_lm_head.py"]
 MODELS = {  # ~99M parameters on GPU (14 layers x 7.1M + embeddings); a toy on CPU
@@ -43,6 +49,10 @@ PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", 
          "efficiency.fused_layers=false"]
 # The fast path with Liger-Kernel's fused linear cross-entropy as the lm-head (CUDA + liger-kernel >= 0.8.2).
 LIGER = FAST + ["efficiency.lm_head=liger", "scaling.use_gpu=true"]
+# The fast path as `orpo-ray train` runs it on a cluster: Ray Train's worker (NCCL on a GPU), DeepSpeed ZeRO-2.
+RAY_DEEPSPEED = FAST + ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
+# Its first loss against the in-process fast leg's: the same computation, kernel choice aside under bf16.
+RAY_FIRST_LOSS_TOL = {"fp32": 1e-5, "bf16": 1e-2}
 
 
 def peak_tflops(name: str, override: float | None) -> tuple[float | None, str]:
@@ -54,14 +64,21 @@ def peak_tflops(name: str, override: float | None) -> tuple[float | None, str]:
     return None, f"no bf16 peak known for {name!r} (pass --peak-tflops)"
 
 
-def run_unit_tests(summary: dict) -> None:
+def run_unit_tests(summary: dict, device: torch.device) -> None:
     if importlib.util.find_spec("pytest") is None:
         summary["skipped"]["unit_tests"] = "pytest is not installed"
         return
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *UNIT_TESTS],
-                          cwd=ROOT, capture_output=True, text=True)
-    tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr[-300:]]
-    summary["unit_tests"] = {"files": UNIT_TESTS, "passed": proc.returncode == 0, "result": tail[0]}
+    summary["unit_tests"] = _pytest(UNIT_TESTS, {})
+    summary["family_matrix"] = {**_pytest(FAMILY_TESTS, {"ORPO_TEST_DEVICE": device.type}), "device": device.type}
+
+
+def _pytest(files: list[str], env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+    lines = proc.stdout.strip().splitlines()
+    failures = [line for line in lines if line.startswith("FAILED")][:20]
+    return {"files": files, "passed": proc.returncode == 0, "result": (lines[-1:] or [proc.stderr[-300:]])[0],
+            **({"failures": failures} if failures else {})}
 
 
 def numeric_checks(device: torch.device, summary: dict) -> None:
@@ -131,6 +148,11 @@ def training_legs(args, device: torch.device, summary: dict, work: Path) -> None
         legs.append(("orpo-liger", run_orpo_leg, LIGER))
     else:
         summary["skipped"]["liger"] = liger_skip
+    missing = [name for name in ("ray", "deepspeed") if importlib.util.find_spec(name) is None]
+    if missing:
+        summary["skipped"]["ray_deepspeed"] = f"{' and '.join(missing)} not installed"
+    else:
+        legs.append(("orpo-ray-deepspeed", run_orpo_leg, RAY_DEEPSPEED))
     if importlib.util.find_spec("trl") is not None:
         legs.append(("trl", run_trl_leg, []))
     else:
@@ -143,22 +165,39 @@ def training_legs(args, device: torch.device, summary: dict, work: Path) -> None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        result = fn({**spec, "name": name, "work": str(work / name), "overrides": extra})
+        try:
+            result = fn({**spec, "name": name, "work": str(work / name), "overrides": extra,
+                         "ray": name.startswith("orpo-ray")})
+        except Exception:  # noqa: BLE001 - recorded, and the summary fails; the other legs still run
+            summary["errors"][name] = traceback.format_exc()[-2000:]
+            continue
+        in_worker = result.get("worker_peak_gpu_mem_mb")  # a Ray leg trains in Ray's worker, not here
         leg = {"pairs_per_second": result["pairs_per_second"], "tokens_per_second": result["tokens_per_second"],
                "wall_seconds": round(time.perf_counter() - start, 2), "first_loss": result["losses"][0],
                "last_loss": result["losses"][-1],
-               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None}
+               "peak_gpu_mem_gb": (in_worker / 1024 if in_worker is not None
+                                   else torch.cuda.max_memory_allocated() / 1024**3 if cuda else None),
+               **({"fast_path": result["fast_path"]} if result.get("fast_path") else {})}
         summary["legs"][name] = leg
     # MFU credits every leg with the plain algorithm's work (6 x params per token the plain layout processes),
     # so a layout that skips padding or shares prompts shows up as more pairs/s, not as inflated FLOPs.
-    plain = summary["legs"]["orpo-plain"]
-    tokens_per_pair = plain["tokens_per_second"] / plain["pairs_per_second"] if plain["pairs_per_second"] else None
+    plain = summary["legs"].get("orpo-plain")
+    tokens_per_pair = plain["tokens_per_second"] / plain["pairs_per_second"] if plain and plain["pairs_per_second"] else None
     for leg in summary["legs"].values():
         achieved = 6 * params * tokens_per_pair * leg["pairs_per_second"] if tokens_per_pair and leg["pairs_per_second"] else None
         leg["model_tflops"] = achieved / 1e12 if achieved else None
         leg["mfu"] = achieved / (peak * 1e12) if achieved and peak else None
-    if "orpo-liger" in summary["legs"]:
-        summary["liger_vs_chunked"] = compare_legs(summary["legs"]["orpo-liger"], summary["legs"]["orpo-fast"])
+    for name, key in (("orpo-liger", "liger_vs_chunked"), ("orpo-ray-deepspeed", "ray_deepspeed_vs_fast")):
+        if name in summary["legs"] and "orpo-fast" in summary["legs"]:
+            summary[key] = compare_legs(summary["legs"][name], summary["legs"]["orpo-fast"])
+    if "ray_deepspeed_vs_fast" in summary:  # one worker, the same model, data and order: the same first step
+        diff = summary["ray_deepspeed_vs_fast"]["first_loss_abs_diff"]
+        summary["ray_deepspeed_first_loss_ok"] = diff < (RAY_FIRST_LOSS_TOL[precision])
+
+
+def _training_in_a_temporary_directory(args, device: torch.device, summary: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="orpo_gpu_check_") as work:
+        training_legs(args, device, summary, Path(work))
 
 
 def compare_legs(leg: dict, ref: dict) -> dict:
@@ -186,23 +225,30 @@ def main(argv=None) -> int:
     import transformers
 
     summary = {"device": device.type, "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
-               "torch": torch.__version__, "transformers": transformers.__version__, "skipped": {}}
+               "torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count(),
+               "skipped": {}, "errors": {}}
     if not cuda and not args.cpu:
         summary["skipped"]["everything"] = "no CUDA GPU visible (torch.cuda.is_available() is False); use --cpu"
         print(json.dumps(summary))
         return 1
     if cuda:
         summary["bf16_supported"] = torch.cuda.is_bf16_supported()
+        summary["cuda"] = torch.version.cuda
         attn = "flash_attn importable" if importlib.util.find_spec("flash_attn") else "flash_attn not installed"
         summary["skipped"]["flash_attention"] = f"not wired into the fast path yet ({attn}); SDPA is used"
     if args.skip_unit_tests:
         summary["skipped"]["unit_tests"] = "--skip-unit-tests"
     else:
-        run_unit_tests(summary)
-    numeric_checks(device, summary)
-    with tempfile.TemporaryDirectory(prefix="orpo_gpu_check_") as work:
-        training_legs(args, device, summary, Path(work))
-    ok = summary["checks"]["passed"] and summary.get("unit_tests", {}).get("passed", True)
+        run_unit_tests(summary, device)
+    for name, section in (("numeric_checks", lambda: numeric_checks(device, summary)),
+                          ("training_legs", lambda: _training_in_a_temporary_directory(args, device, summary))):
+        try:
+            section()
+        except Exception:  # noqa: BLE001 - recorded; the summary is still printed and fails
+            summary["errors"][name] = traceback.format_exc()[-2000:]
+    ok = (summary.get("checks", {}).get("passed", False) and not summary["errors"]
+          and all(summary.get(k, {}).get("passed", True) for k in ("unit_tests", "family_matrix"))
+          and summary.get("ray_deepspeed_first_loss_ok", True))
     summary["passed"] = ok
     text = json.dumps(summary)
     if args.out:

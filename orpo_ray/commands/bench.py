@@ -159,6 +159,7 @@ def run_orpo_leg(spec: dict) -> dict:
     return {"pairs_per_second": results["pairs_per_second"], "tokens_per_second": results["tokens_per_second"],
             "losses": losses, "precision": results["precision"], "world_size": results["world_size"],
             "fast_path": results.get("fast_path"), "worker_peak_rss_mb": results["peak_rss_mb"],
+            "worker_peak_gpu_mem_mb": results.get("peak_gpu_mem_mb"),
             "cpu_wait": results.get("cpu_wait")}
 
 

@@ -48,6 +48,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mem_mb(device: torch.device) -> float | None:
+    """Peak memory torch's allocator handed out on the worker's GPU (None on CPU): what a GPU run's size is."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) -> dict:
     cfg, extras = split_loop_config(config)
     objective = build_objective(cfg)
@@ -219,6 +224,7 @@ def train_loop_per_worker(config: dict, runtime: WorkerRuntime | None = None) ->
         "tokens_per_second": all_tokens / timed_seconds if timed_seconds else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mem_mb": peak_gpu_mem_mb(runtime.device),
         "cpu_wait": cpu_wait.summary(timed_seconds),
         "quarantined": data_stats["quarantined"],
         "data": data_stats,

@@ -31,6 +31,7 @@ def test_run_writes_results_and_a_loadable_model(tmp_path):
         assert math.isfinite(on_disk["train"][key])
         assert math.isfinite(on_disk["eval"]["eval_" + key])
     assert on_disk["pairs_per_second"] > 0 and on_disk["peak_rss_mb"] > 0 and on_disk["wall_seconds"] > 0
+    assert on_disk["peak_gpu_mem_mb"] is None  # a CPU run: no GPU peak (gpu_check reads it on a GPU)
     assert on_disk["quarantined"] == 0 and on_disk["data"]["train_pairs"] == 96
     assert (tmp_path / "a" / "model" / "model.safetensors").exists()
     from transformers import AutoModelForCausalLM

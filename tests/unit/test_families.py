@@ -12,7 +12,9 @@ from orpo_ray.forward.layouts import make_collate, make_policy_loss
 from orpo_ray.forward.logprobs import policy_forward
 from orpo_ray.objectives import build_objective
 from orpo_ray.objectives.orpo import orpo_loss
-from orpo_ray.commands.families import FAMILIES, build_model
+from orpo_ray.commands.families import FAMILIES
+from orpo_ray.commands.families import build_model as build_cpu_model
+from tests.unit.device import TEST_DEVICE, on_test_device
 from tests.unit.gradients import assert_gradients_equal
 
 PLAIN = EfficiencySection(chunked_lm_head=False, prefix_sharing=False, packing=False, fused_layers=False)
@@ -23,6 +25,10 @@ NO_FUSED_NORM = {"gemma2", "gemma3", "phi2", "opt", "gpt_neox", "gpt2", "cohere"
 NO_GATED_MLP = {"phi2", "phi3", "opt", "gpt_neox", "gpt2", "qwen3_moe"}
 NOTHING_TO_FUSE = NO_FUSED_NORM & NO_GATED_MLP
 BOS, EOS, PAD = 256, 257, 258
+
+
+def build_model(family, **kwargs):
+    return build_cpu_model(family, **kwargs).to(TEST_DEVICE)
 
 
 def _rows(with_bos=True):
@@ -41,7 +47,7 @@ def _cfg(eff=None):
 
 def _loss_and_grads(model, cfg, rows, matmul_rows=1):
     model.zero_grad()
-    batch = make_collate(cfg, PAD, matmul_rows)(rows)
+    batch = on_test_device(make_collate(cfg, PAD, matmul_rows)(rows))
     if matmul_rows > 1:  # the padded variant must have pad positions to be a test of them
         assert batch["packed_input_ids"].shape[1] > make_collate(cfg, PAD)(rows)["packed_input_ids"].shape[1]
     loss, metrics = make_policy_loss(cfg, build_objective(cfg))(model, batch)
@@ -152,7 +158,7 @@ def test_moe_router_aux_loss_is_not_added():
     model = build_model("qwen3_moe")
     cfg, rows = _cfg(), _rows()
     m, _ = _loss_and_grads(model, cfg, rows)
-    batch = make_collate(_cfg(PLAIN), PAD)(rows)
+    batch = on_test_device(make_collate(_cfg(PLAIN), PAD)(rows))
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0  # the model does compute one
     ref, _ = orpo_loss(policy_forward(model, batch, True), 0.3)
