@@ -39,12 +39,15 @@ class MetricAverager:
         self._counts.clear()
 
     def as_tensor(self, names: Sequence[str] | None = None, device: torch.device | str | None = None) -> Tensor:
-        """fp64 [2 * len(names)] = sums then counts, in ``names`` order (default: sorted seen names).
+        """fp64 [2 * len(names)] = sums then counts, in ``names`` order (default: sorted seen names), on ``device``
+        (default: the device of the tensors added, else the CPU).
 
         Unseen names contribute sum 0 and count 0, so ranks that skipped a metric still reduce correctly.
         """
         names = sorted(self._sums) if names is None else list(names)
-        sums = [torch.as_tensor(self._sums.get(k, 0.0), dtype=torch.float64, device=device) for k in names]
+        if device is None:  # where the sums are: a GPU worker's metrics stay on its GPU until reduced
+            device = next((v.device for v in self._sums.values() if isinstance(v, Tensor)), "cpu")
+        sums = [torch.as_tensor(self._sums.get(k, 0.0), dtype=torch.float64).to(device) for k in names]
         counts = torch.tensor([self._counts.get(k, 0) for k in names], dtype=torch.float64, device=device)
         return torch.cat([torch.stack(sums) if sums else counts.new_zeros(0), counts])
 

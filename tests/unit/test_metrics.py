@@ -81,3 +81,13 @@ def test_weighted_add_counts_a_short_batch_less():
     assert avg.compute()["rewards/accuracies"] == pytest.approx(0.8)
     packed = avg.as_tensor(["rewards/accuracies"])
     assert MetricAverager.from_tensor(packed * 2, ["rewards/accuracies"]).compute()["rewards/accuracies"] == pytest.approx(0.8)
+
+
+def test_packed_tensor_stays_on_the_device_the_metrics_are_on():
+    """A GPU worker's metrics are CUDA tensors: sums and counts must be packed on that one device (the counts were
+    built on the CPU, and every GPU run stopped at its first log step). 'meta' stands in for the GPU here."""
+    avg = MetricAverager()
+    avg.add({"loss": torch.tensor(2.0, device="meta"), "rewards/accuracies": 1.0}, weight=4)
+    packed = avg.as_tensor(["loss", "rewards/accuracies", "never_reported"])
+    assert packed.device.type == "meta" and packed.shape == (6,)
+    assert MetricAverager().as_tensor(["loss"]).device.type == "cpu"  # nothing added: the CPU
