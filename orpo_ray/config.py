@@ -224,10 +224,12 @@ class EfficiencySection:
         True, "Encode each prompt once: one sequence [prompt | chosen | rejected] with a block attention mask."
     )
     packing: bool = _f(True, "Pack several pairs into one row (block-diagonal mask) so padding is not computed.")
-    segment_attention: bool = _f(
-        True, "With prefix_sharing or packing: attention runs segment by segment (the model's own sdpa/eager on each "
+    segment_attention: Union[bool, Literal["auto"]] = _f(
+        "auto", "With prefix_sharing or packing: attention runs segment by segment (the model's own sdpa/eager on each "
         "segment's slice, forward/segment_attention.py) instead of under one dense [L, L] block mask per row, so "
-        "row length costs nothing and a packed batch is one row without padding. Needs sdpa or eager attention.")
+        "row length costs nothing and a packed batch is one row without padding. Needs sdpa or eager attention. "
+        "'auto': on for CPU workers, off for GPU workers, where one kernel launch per segment and layer costs far "
+        "more than the dense mask's flops (H200, 99M Llama, batch 32: 70 pairs/s with it, 420 without).")
     pack_length: Optional[int] = _f(
         None, "Tokens per packed row; null means the whole batch in one row with segment_attention, else the longest "
         "segment of each batch (a dense mask costs L^2 per row).")

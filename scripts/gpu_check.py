@@ -51,6 +51,14 @@ PLAIN = ["efficiency.chunked_lm_head=false", "efficiency.prefix_sharing=false", 
 LIGER = FAST + ["efficiency.lm_head=liger", "scaling.use_gpu=true"]
 # The fast path as `orpo-ray train` runs it on a cluster: Ray Train's worker (NCCL on a GPU), DeepSpeed ZeRO-2.
 RAY_DEEPSPEED = FAST + ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
+# --ablation: the fast path with one part left out at a time, in-process, to find which part costs on this device.
+ABLATION = {
+    "fast-no-segment-attention": FAST + ["efficiency.segment_attention=false"],
+    "fast-no-chunked-lm-head": FAST + ["efficiency.chunked_lm_head=false"],
+    "layouts-dense-mask": FAST + ["efficiency.chunked_lm_head=false", "efficiency.segment_attention=false"],
+    "chunked-lm-head-only": PLAIN + ["efficiency.chunked_lm_head=true"],
+    "liger-no-segment-attention": LIGER + ["efficiency.segment_attention=false"],
+}
 # Its first loss against the in-process fast leg's: the same computation, kernel choice aside under bf16.
 RAY_FIRST_LOSS_TOL = {"fp32": 1e-5, "bf16": 1e-2}
 
@@ -148,12 +156,19 @@ def training_legs(args, device: torch.device, summary: dict, work: Path) -> None
         legs.append(("orpo-liger", run_orpo_leg, LIGER))
     else:
         summary["skipped"]["liger"] = liger_skip
+    if args.ablation:
+        legs += [(name, run_orpo_leg, extra) for name, extra in ABLATION.items()
+                 if liger_skip is None or not name.startswith("liger")]
     missing = [name for name in ("ray", "deepspeed") if importlib.util.find_spec(name) is None]
-    if missing:
+    if args.only_in_process:
+        summary["skipped"]["ray_deepspeed"] = summary["skipped"]["trl"] = "--only-in-process"
+    elif missing:
         summary["skipped"]["ray_deepspeed"] = f"{' and '.join(missing)} not installed"
     else:
         legs.append(("orpo-ray-deepspeed", run_orpo_leg, RAY_DEEPSPEED))
-    if importlib.util.find_spec("trl") is not None:
+    if args.only_in_process:
+        pass
+    elif importlib.util.find_spec("trl") is not None:
         legs.append(("trl", run_trl_leg, []))
     else:
         summary["skipped"]["trl"] = "trl is not installed"
@@ -216,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default 32 GPU, 4 CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, if not in the table")
     p.add_argument("--skip-unit-tests", action="store_true", help="do not run the unit tests")
+    p.add_argument("--ablation", action="store_true", help="also the fast path less one part at a time (ABLATION)")
+    p.add_argument("--only-in-process", action="store_true", help="leave out the Ray + DeepSpeed and TRL legs")
     p.add_argument("--out", default=None, help="also write the JSON summary to this file")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu

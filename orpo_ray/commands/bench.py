@@ -24,6 +24,7 @@ Writes ``output_dir/bench.json`` and prints the table, the ratios and the CPU it
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -135,17 +136,23 @@ def _apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def run_orpo_leg(spec: dict) -> dict:
-    """orpo-ray's own loop in this process (LocalRuntime), or under Ray when the leg asks for workers. A Ray leg's
-    process is the driver of `orpo-ray train`, as light as the real one: no model code is imported here."""
-    values = _apply_overrides(dict(spec["config"]), [
+def orpo_leg_config(spec: dict) -> Config:
+    """The leg's config: the bench's, the leg's files and settings, its overrides. `spec` is left as it was (a
+    shallow copy let one leg's overrides reach the next leg run in the same process, as gpu_check runs them)."""
+    values = _apply_overrides(copy.deepcopy(spec["config"]), [
         f"output_dir={spec['work']}", f"model.name_or_path={spec['model_dir']}", "model.tokenizer=null",
         f"data.train_path={spec['train']}", f"data.eval_path={spec['eval']}", "data.format=pairs",
         "tracking.enabled=false", "export.save_model=false", "train.progress_bar=false", "train.log_interval=1",
         "train.eval_max_batches=1", "train.eval_interval=0", "train.checkpoint_interval=0",
         f"train.precision={spec['precision']}", *spec.get("overrides", []),
     ])
-    cfg = config_from_dict(values, where=f"bench leg {spec['name']}")
+    return config_from_dict(values, where=f"bench leg {spec['name']}")
+
+
+def run_orpo_leg(spec: dict) -> dict:
+    """orpo-ray's own loop in this process (LocalRuntime), or under Ray when the leg asks for workers. A Ray leg's
+    process is the driver of `orpo-ray train`, as light as the real one: no model code is imported here."""
+    cfg = orpo_leg_config(spec)
     if cfg.scaling.num_workers > 1 or spec.get("ray"):
         from orpo_ray.launch.trainer import run_training
 

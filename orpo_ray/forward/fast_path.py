@@ -52,6 +52,7 @@ class FastPath:
 
     requested: dict[str, bool]
     fallbacks: dict[str, str] = field(default_factory=dict)  # switch -> reason
+    auto: dict[str, str] = field(default_factory=dict)  # switch set to 'auto' and off on this device -> why
     layers: dict[str, str] = field(default_factory=dict)  # fused_layers: module class -> 'fused' or why not
 
     def fuse(self, model: torch.nn.Module) -> dict[str, int]:
@@ -61,9 +62,10 @@ class FastPath:
         return dict(fuse_layers(model, self.layers))
 
     def apply(self, cfg: Config) -> Config:
-        """`cfg` with the fallen-back switches off (everything else unchanged)."""
+        """`cfg` with the fallen-back switches off and segment_attention's 'auto' decided (all else unchanged)."""
+        segments = self.requested["segment_attention"] and "segment_attention" not in self.fallbacks
         return dataclasses.replace(cfg, efficiency=dataclasses.replace(
-            cfg.efficiency, **{k: False for k in self.fallbacks}))
+            cfg.efficiency, **{k: False for k in self.fallbacks} | {"segment_attention": segments}))
 
     def lines(self) -> list[str]:
         instead = {"segment_attention": "the dense block mask", "fused_layers": "the model's own layers"}
@@ -75,18 +77,22 @@ class FastPath:
         return lines
 
     def record(self) -> dict[str, str]:
-        """{switch: 'on' | 'off' | 'fallback: reason'} for results.json and MLflow params."""
-        return {k: f"fallback: {self.fallbacks[k]}" if k in self.fallbacks else ("on" if on else "off")
+        """{switch: 'on' | 'off' | 'off: why auto chose it' | 'fallback: reason'} for results.json and MLflow."""
+        return {k: f"fallback: {self.fallbacks[k]}" if k in self.fallbacks
+                else f"off: {self.auto[k]}" if k in self.auto else ("on" if on else "off")
                 for k, on in self.requested.items()}
 
 
 def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
     """Check every requested switch against `model` (a few tiny no-grad forwards; RNG untouched)."""
     e = cfg.efficiency
-    requested = {k: bool(getattr(e, k)) for k in SWITCHES}
+    device = next(model.parameters()).device  # the worker's: the model is on it by now
+    auto_off = segment_attention_auto_off(e.segment_attention, device)
+    requested = {k: bool(getattr(e, k)) for k in SWITCHES} | {"segment_attention": e.segment_attention is True or (
+        e.segment_attention == "auto" and not auto_off)}
     # Segment attention is a way to run the packed layouts: without one it has nothing to do (not a fallback).
     requested["segment_attention"] &= any(requested[k] for k in LAYOUTS)
-    fast = FastPath(requested)
+    fast = FastPath(requested, auto={"segment_attention": auto_off} if auto_off else {})
     wanted = [k for k, on in fast.requested.items() if on]
     if not wanted:
         return fast
@@ -117,6 +123,15 @@ def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
     if e.lm_head == "liger" and "chunked_lm_head" in wanted and not reasons.get("chunked_lm_head"):
         require_liger(causal_lm_parts(inner)[1])  # asked for by name: an error here, never a silent swap
     return fast
+
+
+def segment_attention_auto_off(setting, device: torch.device) -> str | None:
+    """Why `efficiency.segment_attention: auto` is off on `device` (None: on, or not 'auto'). Per-segment attention
+    launches one attention kernel per segment and layer: on a CPU that costs nothing next to the flops it saves,
+    on a GPU the launches dominate (scripts/gpu_check.sh --ablation on an H200: 70 pairs/s with it, 420 without)."""
+    if setting != "auto" or device.type == "cpu":
+        return None
+    return f"auto on {device.type} (one attention kernel per segment costs more there than the dense block mask)"
 
 
 def _layers_reason(model: torch.nn.Module, cfg: Config, fast: FastPath) -> str | None:

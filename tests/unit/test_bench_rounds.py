@@ -64,3 +64,17 @@ def test_through_ray_figures_against_best_trl_and_the_in_process_twin():
 def test_no_ray_leg_no_through_ray_entry():
     legs = [_leg("trl-fp32", "trl", "fp32", [4.0], 2000.0), _leg("orpo-defaults-fp32", "orpo", "fp32", [20.0], 700.0)]
     assert "through_ray" not in bench._ratios(legs)
+
+
+def test_a_legs_overrides_never_reach_the_next_leg():
+    """gpu_check runs its legs one after another in one process from one spec: the plain leg's
+    fused_layers=false and the Liger leg's lm_head=liger reached every later leg (seen on an H200)."""
+    from orpo_ray.config import Config
+
+    spec = {"config": Config().to_dict(), "work": "/tmp/w", "model_dir": "/tmp/m", "train": "/tmp/t.jsonl",
+            "eval": "/tmp/e.jsonl", "precision": "fp32", "name": "first"}
+    first = bench.orpo_leg_config({**spec, "overrides": ["efficiency.fused_layers=false", "scaling.use_gpu=true"]})
+    assert first.efficiency.fused_layers is False and first.scaling.use_gpu is True
+    second = bench.orpo_leg_config({**spec, "name": "second"})
+    assert second.efficiency.fused_layers is True and second.scaling.use_gpu is False
+    assert spec["config"] == Config().to_dict()

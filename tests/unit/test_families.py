@@ -163,3 +163,22 @@ def test_moe_router_aux_loss_is_not_added():
     assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0  # the model does compute one
     ref, _ = orpo_loss(policy_forward(model, batch, True), 0.3)
     torch.testing.assert_close(m["loss"], ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_segment_attention_auto_off_on_a_gpu_runs_the_dense_mask_with_the_same_numbers(monkeypatch):
+    """What a GPU worker does with segment_attention 'auto' (the device rule stands in for a GPU here): the packed
+    layouts stay on under the dense block mask, the record says why, and the numbers are the plain path's."""
+    from orpo_ray.forward import fast_path as fast_path_module
+
+    monkeypatch.setattr(fast_path_module, "segment_attention_auto_off",
+                        lambda setting, device: "auto on cuda (stand-in)" if setting == "auto" else None)
+    model = build_model("llama")
+    fast = resolve_fast_path(model, _cfg())
+    assert fast.record()["segment_attention"] == "off: auto on cuda (stand-in)" and not fast.fallbacks
+    assert fast.record()["packing"] == fast.record()["prefix_sharing"] == "on"
+    applied = fast.apply(_cfg())
+    assert applied.efficiency.segment_attention is False and applied.efficiency.packing is True
+    _assert_same(model, applied, _rows(), fast)
+    explicit = resolve_fast_path(build_model("llama"), dataclasses.replace(
+        _cfg(), efficiency=EfficiencySection(lm_head_chunk_size=5, segment_attention=True)))
+    assert explicit.record()["segment_attention"] == "on"  # a user's true is kept

@@ -7,6 +7,7 @@ import torch
 
 from orpo_ray.config import load_config
 from orpo_ray.launch.session import worker_env
+from orpo_ray.plan import resolve_plan
 from orpo_ray.precision import autocast_context, select_precision
 from orpo_ray.train.engine import build_deepspeed_config, deepspeed_section, ds_accelerator_for
 
@@ -75,3 +76,19 @@ def test_ray_train_print_patch_is_off_on_workers_unless_exported(monkeypatch):
     assert worker_env(use_gpu=True)["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")
     assert worker_env()["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "1"
+
+
+@pytest.mark.parametrize("setting, device, on", [("auto", "cpu", True), ("auto", "cuda", False), (True, "cuda", True),
+                                                 (False, "cpu", False)])
+def test_segment_attention_auto_is_off_on_gpu_workers(setting, device, on):
+    """scripts/gpu_check.sh --ablation on an H200: one attention kernel per segment made the default path 6x slower
+    than the dense block mask, so 'auto' runs it on CPU workers only; a user's true or false is kept anywhere."""
+    from orpo_ray.forward.fast_path import segment_attention_auto_off
+    from tests.unit.test_plan import SHAPE
+
+    why = segment_attention_auto_off(setting, torch.device(device))
+    assert (why is None) == (setting != "auto" or device == "cpu")
+    cfg = load_config(None, [f"efficiency.segment_attention={str(setting).lower()}"])
+    # The plan of such a run (what the run itself does: tests/unit/test_families.py).
+    plan = resolve_plan(cfg, shape=SHAPE, trainable=10, total=10, use_deepspeed=False, device=device)
+    assert plan["fast_path"]["segment_attention"] is on
