@@ -229,7 +229,7 @@ class EfficiencySection:
         "segment's slice, forward/segment_attention.py) instead of under one dense [L, L] block mask per row, so "
         "row length costs nothing and a packed batch is one row without padding. Needs sdpa or eager attention. "
         "'auto': on for CPU workers, off for GPU workers, where one kernel launch per segment and layer costs far "
-        "more than the dense mask's flops (H200, 99M Llama, batch 32: 70 pairs/s with it, 420 without).")
+        "more than the dense mask's flops (H200, 99M Llama, batch 32: 65-70 pairs/s with it, 420 without).")
     pack_length: Optional[int] = _f(
         None, "Tokens per packed row; null means the whole batch in one row with segment_attention, else the longest "
         "segment of each batch (a dense mask costs L^2 per row).")

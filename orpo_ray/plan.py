@@ -16,7 +16,7 @@ import torch
 
 from orpo_ray.allocator import active_allocator
 from orpo_ray.config import Config
-from orpo_ray.forward.fast_path import SWITCHES, segment_attention_auto_off
+from orpo_ray.forward.fast_path import SWITCHES, segment_attention_on
 from orpo_ray.omp_wait import active as active_spin_count
 from orpo_ray.precision import select_precision
 from orpo_ray.train.engine import estimate_model_states_bytes
@@ -93,9 +93,7 @@ def resolve_plan(cfg: Config, *, shape: dict, trainable: int, total: int, use_de
         "omp_spin_count": omp_spin_count or active_spin_count(os.environ),
         "fast_path": {**{k: getattr(e, k) for k in SWITCHES}, "lm_head": e.lm_head,
                       # 'auto' decided for the workers' device, as the run will decide it
-                      "segment_attention": e.segment_attention is True or (
-                          e.segment_attention == "auto"
-                          and not segment_attention_auto_off("auto", torch.device(device)))},
+                      "segment_attention": segment_attention_on(e.segment_attention, torch.device(device))},
         "data": {"train": d_source(cfg, "train"), "eval": d_source(cfg, "eval"),
                  "max_length": cfg.data.max_length},
         "parameters": {"trainable": trainable, "total": total},

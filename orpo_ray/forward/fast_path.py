@@ -88,8 +88,8 @@ def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
     e = cfg.efficiency
     device = next(model.parameters()).device  # the worker's: the model is on it by now
     auto_off = segment_attention_auto_off(e.segment_attention, device)
-    requested = {k: bool(getattr(e, k)) for k in SWITCHES} | {"segment_attention": e.segment_attention is True or (
-        e.segment_attention == "auto" and not auto_off)}
+    requested = {k: bool(getattr(e, k)) for k in SWITCHES} | {
+        "segment_attention": segment_attention_on(e.segment_attention, device)}
     # Segment attention is a way to run the packed layouts: without one it has nothing to do (not a fallback).
     requested["segment_attention"] &= any(requested[k] for k in LAYOUTS)
     fast = FastPath(requested, auto={"segment_attention": auto_off} if auto_off else {})
@@ -125,10 +125,15 @@ def resolve_fast_path(model: torch.nn.Module, cfg: Config) -> FastPath:
     return fast
 
 
+def segment_attention_on(setting, device: torch.device) -> bool:
+    """`efficiency.segment_attention` (true, false or 'auto') for a worker on `device`."""
+    return setting is True or (setting == "auto" and segment_attention_auto_off(setting, device) is None)
+
+
 def segment_attention_auto_off(setting, device: torch.device) -> str | None:
     """Why `efficiency.segment_attention: auto` is off on `device` (None: on, or not 'auto'). Per-segment attention
     launches one attention kernel per segment and layer: on a CPU that costs nothing next to the flops it saves,
-    on a GPU the launches dominate (scripts/gpu_check.sh --ablation on an H200: 70 pairs/s with it, 420 without)."""
+    on a GPU the launches dominate (scripts/gpu_check.sh --ablation on an H200: 65-70 pairs/s with it, 420 without)."""
     if setting != "auto" or device.type == "cpu":
         return None
     return f"auto on {device.type} (one attention kernel per segment costs more there than the dense block mask)"
