@@ -159,19 +159,18 @@ def training_legs(args, device: torch.device, summary: dict, work: Path) -> None
     if args.ablation:
         legs += [(name, run_orpo_leg, extra) for name, extra in ABLATION.items()
                  if liger_skip is None or not name.startswith("liger")]
-    missing = [name for name in ("ray", "deepspeed") if importlib.util.find_spec(name) is None]
     if args.only_in_process:
         summary["skipped"]["ray_deepspeed"] = summary["skipped"]["trl"] = "--only-in-process"
-    elif missing:
-        summary["skipped"]["ray_deepspeed"] = f"{' and '.join(missing)} not installed"
     else:
-        legs.append(("orpo-ray-deepspeed", run_orpo_leg, RAY_DEEPSPEED))
-    if args.only_in_process:
-        pass
-    elif importlib.util.find_spec("trl") is not None:
-        legs.append(("trl", run_trl_leg, []))
-    else:
-        summary["skipped"]["trl"] = "trl is not installed"
+        missing = [name for name in ("ray", "deepspeed") if importlib.util.find_spec(name) is None]
+        if missing:
+            summary["skipped"]["ray_deepspeed"] = f"{' and '.join(missing)} not installed"
+        else:
+            legs.append(("orpo-ray-deepspeed", run_orpo_leg, RAY_DEEPSPEED))
+        if importlib.util.find_spec("trl") is not None:
+            legs.append(("trl", run_trl_leg, []))
+        else:
+            summary["skipped"]["trl"] = "trl is not installed"
     peak, peak_source = peak_tflops(summary["device_name"], args.peak_tflops) if cuda else (None, "CPU run")
     summary.update(parameters=params, precision=precision, steps=args.steps, batch_pairs=args.batch,
                    bf16_peak_tflops=peak, peak_source=peak_source, legs={})
