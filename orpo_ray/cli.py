@@ -18,7 +18,8 @@ import json
 import sys
 
 from orpo_ray.config import ConfigError, describe, load_config, with_absolute_paths
-from orpo_ray.console import set_verbose
+from orpo_ray.console import set_verbose, verbose
+from orpo_ray.data.records import DamagedFileError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             _dispatch(args, cfg, argv)
     except ConfigError as e:  # e.g. re-running an output_dir with a different config, or one in use
         print(f"orpo-ray: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, DamagedFileError) as e:
+        # A path the user gave (data file, model directory) is missing or a data file is damaged: the message names
+        # the file and the key, and a traceback would only bury it. --verbose keeps the traceback.
+        if verbose():
+            raise
+        print(f"orpo-ray: input error: {e} (--verbose shows the traceback)", file=sys.stderr)
         return 2
     return 0
 

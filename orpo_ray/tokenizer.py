@@ -12,8 +12,11 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from orpo_ray.config import ModelSection
+from orpo_ray.config import ConfigError, ModelSection
 from orpo_ray.embedded_tokenizer import build_byte_tokenizer
+
+# The files a tokenizer's `save_pretrained` writes, one or more of them (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
@@ -25,7 +28,20 @@ def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     # Data's task workers import this module through data/ray_pipeline.py without ever loading a directory.
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        # transformers' own message for a directory without tokenizer files speaks of slow/fast conversion and
+        # sentencepiece, and names neither the directory nor what to do.
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        found = [name for name in TOKENIZER_FILES if (Path(source) / name).exists()]
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cause = (f"{', '.join(found)} found; transformers: {said}" if found
+                 else f"it has none of {', '.join(TOKENIZER_FILES)}")
+        raise ConfigError(
+            f"{key}={source!r}: no tokenizer could be loaded from this directory ({cause}). Save the model's "
+            "tokenizer there (tokenizer.save_pretrained) or set model.tokenizer to a directory that has one."
+        ) from e
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {source} has no eos_token; ORPO appends EOS to every response")
     if tok.pad_token_id is None:

@@ -39,13 +39,19 @@ from orpo_ray.tokenizer import load_tokenizer
 _PAIR_COLUMNS = ["prompt", "chosen", "rejected", "conversational", "source", "row"]
 
 
+# A file that cannot be read at all: the row kind parse_file emits for it, and the error the driver raises.
+UNREADABLE = {"damaged": DamagedFileError, "missing": FileNotFoundError}
+
+
 def parse_file(item: dict, fmt: str, eval_fraction: float, max_chars: int, on_damaged: str) -> list[dict]:
-    """One input file -> rows with a uniform schema: kind 'pair' (with split), 'quarantine' or 'damaged' (the
-    file broke off and data.on_damaged_file is 'error': the driver raises that error, not Ray's wrapper of it)."""
+    """One input file -> rows with a uniform schema: kind 'pair' (with split), 'quarantine', or one of UNREADABLE:
+    'missing' (no such file) or 'damaged' (the file broke off and data.on_damaged_file is 'error'). For those the
+    driver raises the error itself, naming the file, instead of Ray's pages-long wrapper of a failed task."""
     try:
         pairs, quarantined = read_pairs(item["path"], fmt, max_chars, on_damaged)
-    except DamagedFileError as e:
-        return [{"kind": "damaged", "split": "", "prompt": "", "chosen": "", "rejected": "",
+    except (DamagedFileError, FileNotFoundError) as e:
+        kind = "missing" if isinstance(e, FileNotFoundError) else "damaged"
+        return [{"kind": kind, "split": "", "prompt": "", "chosen": "", "rejected": "",
                  "conversational": False, "source": item["path"], "row": 0, "reason": str(e), "excerpt": ""}]
     if item["split"]:
         splits = [(item["split"], pairs)]
@@ -75,8 +81,8 @@ def _build_cache(cfg: Config, tokenizer, cache: Path) -> dict:
     parsed = ray.data.from_items(items).flat_map(
         parse_file, fn_kwargs={"fmt": d.format, "eval_fraction": d.eval_fraction, "max_chars": d.max_chars,
                                "on_damaged": d.on_damaged_file}).materialize()
-    if damaged := parsed.filter(lambda r: r["kind"] == "damaged").take(1):
-        raise DamagedFileError(damaged[0]["reason"])
+    if unreadable := parsed.filter(lambda r: r["kind"] in UNREADABLE).take(1):
+        raise UNREADABLE[unreadable[0]["kind"]](unreadable[0]["reason"])
 
     read_quarantine = [Quarantined(r["source"], int(r["row"]), r["reason"], r["excerpt"])
                        for r in parsed.filter(lambda r: r["kind"] == "quarantine").take_all()]

@@ -95,3 +95,21 @@ def test_ray_train_on_degenerate_rows_with_a_fully_quarantined_eval_set(_ray_loc
     assert results["data"]["eval_pairs"] == 0 and results["data"]["rows_read"] == len(degenerate_rows()) + 3
     local = prepare_data(cfg, build_byte_tokenizer()).stats
     assert {k: results["data"][k] for k in local} == local
+
+
+@pytest.mark.parametrize("which", ["train_path", "eval_path"])
+def test_a_missing_file_stops_the_ray_data_path_with_the_in_process_error(_ray_local_session, tmp_path, which):
+    """Ray Data wraps a failed task's error in pages of its own; the driver raises the reader's error itself, the
+    same type and message as the in-process path, so the CLI prints it in one line (tests/unit/test_bad_input.py)."""
+    present = tmp_path / "pairs.jsonl"
+    present.write_text(json.dumps({"prompt": "Q?", "chosen": " yes", "rejected": " no"}) + "\n")
+    missing = tmp_path / "nowhere.jsonl"
+    paths = {"train_path": present, "eval_path": present, which: missing}
+    cfg = load_config(None, [f"output_dir={tmp_path}/out", f"data.cache_dir={tmp_path}/cache",
+                             *(f"data.{k}={v}" for k, v in paths.items())])
+    with pytest.raises(FileNotFoundError) as ray_error:
+        tokenized_datasets(cfg, build_byte_tokenizer())
+    with pytest.raises(FileNotFoundError) as local_error:
+        prepare_data(cfg, build_byte_tokenizer())
+    assert type(ray_error.value) is FileNotFoundError
+    assert str(ray_error.value) == str(local_error.value) == f"preference data file not found: {missing}"

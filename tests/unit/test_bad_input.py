@@ -253,3 +253,49 @@ def test_evaluate_without_eval_rows_returns_no_metrics(tmp_path):
     model, tok = load_model_and_tokenizer(cfg.model)
     runtime.setup_data(cfg, tok)
     assert evaluate(model, runtime, cfg, "fp32", tok.pad_token_id) == {}  # was KeyError 'nll_loss'
+
+
+# ------------------------------------------------------------------------------- paths that are not there
+def test_the_cli_names_a_missing_data_file_in_one_line_without_a_traceback(tmp_path, capsys):
+    from orpo_ray.cli import main
+
+    missing = tmp_path / "nowhere" / "pairs.jsonl"
+    assert main(["train", "configs/demo.yaml", "--local", f"output_dir={tmp_path / 'out'}",
+                 f"data.train_path={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"orpo-ray: input error: preference data file not found: {missing}" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_the_cli_names_a_damaged_data_file_in_one_line(tmp_path, capsys):
+    from orpo_ray.cli import main
+
+    path = tmp_path / "plain.jsonl.gz"
+    path.write_text(json.dumps(PAIR) + "\n")  # named .gz, not gzip
+    assert main(["train", "configs/demo.yaml", "--local", f"output_dir={tmp_path / 'out'}",
+                 f"data.train_path={path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"orpo-ray: input error: {path}: damaged at row 1" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("files", [{}, {"tokenizer.json": "{not json"}], ids=["no-files", "broken-tokenizer-json"])
+@pytest.mark.parametrize("key", ["name_or_path", "tokenizer"])
+def test_a_directory_without_a_usable_tokenizer_names_the_key_and_the_fix(tmp_path, files, key):
+    from orpo_ray.tokenizer import TOKENIZER_FILES, load_tokenizer
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for name, text in files.items():
+        (model_dir / name).write_text(text)
+    cfg = cfg_for(tmp_path, f"model.{key}={model_dir}").model
+    with pytest.raises(ConfigError) as info:
+        load_tokenizer(cfg)
+    message = str(info.value)
+    assert message.startswith(f"model.{key}='{model_dir}': no tokenizer could be loaded from this directory")
+    assert "tokenizer.save_pretrained" in message and "model.tokenizer" in message
+    if files:
+        assert "tokenizer.json found; transformers: " in message
+    else:
+        assert f"it has none of {', '.join(TOKENIZER_FILES)}" in message
