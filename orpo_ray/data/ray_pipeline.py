@@ -49,8 +49,8 @@ def parse_file(item: dict, fmt: str, eval_fraction: float, max_chars: int, on_da
     driver raises the error itself, naming the file, instead of Ray's pages-long wrapper of a failed task."""
     try:
         pairs, quarantined = read_pairs(item["path"], fmt, max_chars, on_damaged)
-    except (DamagedFileError, FileNotFoundError) as e:
-        kind = "missing" if isinstance(e, FileNotFoundError) else "damaged"
+    except tuple(UNREADABLE.values()) as e:
+        kind = next(kind for kind, error in UNREADABLE.items() if isinstance(e, error))
         return [{"kind": kind, "split": "", "prompt": "", "chosen": "", "rejected": "",
                  "conversational": False, "source": item["path"], "row": 0, "reason": str(e), "excerpt": ""}]
     if item["split"]:

@@ -19,6 +19,7 @@ from hypothesis import given
 
 from orpo_ray.config import load_config
 from orpo_ray.data.prepare import prepare_data
+from orpo_ray.data.records import DamagedFileError
 from orpo_ray.data.ray_pipeline import tokenized_datasets
 from orpo_ray.embedded_tokenizer import build_byte_tokenizer
 from orpo_ray.train.loop import train_loop_per_worker
@@ -98,18 +99,27 @@ def test_ray_train_on_degenerate_rows_with_a_fully_quarantined_eval_set(_ray_loc
 
 
 @pytest.mark.parametrize("which", ["train_path", "eval_path"])
-def test_a_missing_file_stops_the_ray_data_path_with_the_in_process_error(_ray_local_session, tmp_path, which):
+@pytest.mark.parametrize("problem", ["missing", "damaged"])
+def test_an_unreadable_file_stops_the_ray_data_path_with_the_in_process_error(_ray_local_session, tmp_path, which,
+                                                                              problem):
     """Ray Data wraps a failed task's error in pages of its own; the driver raises the reader's error itself, the
     same type and message as the in-process path, so the CLI prints it in one line (tests/unit/test_bad_input.py)."""
     present = tmp_path / "pairs.jsonl"
     present.write_text(json.dumps({"prompt": "Q?", "chosen": " yes", "rejected": " no"}) + "\n")
-    missing = tmp_path / "nowhere.jsonl"
-    paths = {"train_path": present, "eval_path": present, which: missing}
+    unreadable = tmp_path / "nowhere.jsonl"
+    if problem == "damaged":
+        unreadable = tmp_path / "plain.jsonl.gz"
+        unreadable.write_text(present.read_text())  # named .gz, not gzip
+    paths = {"train_path": present, "eval_path": present, which: unreadable}
     cfg = load_config(None, [f"output_dir={tmp_path}/out", f"data.cache_dir={tmp_path}/cache",
                              *(f"data.{k}={v}" for k, v in paths.items())])
-    with pytest.raises(FileNotFoundError) as ray_error:
+    error = {"missing": FileNotFoundError, "damaged": DamagedFileError}[problem]
+    with pytest.raises(error) as ray_error:
         tokenized_datasets(cfg, build_byte_tokenizer())
-    with pytest.raises(FileNotFoundError) as local_error:
+    with pytest.raises(error) as local_error:
         prepare_data(cfg, build_byte_tokenizer())
-    assert type(ray_error.value) is FileNotFoundError
-    assert str(ray_error.value) == str(local_error.value) == f"preference data file not found: {missing}"
+    assert type(ray_error.value) is error
+    assert str(ray_error.value) == str(local_error.value)
+    expected = {"missing": f"preference data file not found: {unreadable}",
+                "damaged": f"{unreadable}: damaged at row 1"}[problem]
+    assert str(ray_error.value).startswith(expected)
